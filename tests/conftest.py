@@ -28,6 +28,7 @@ TINY_LLAMA = {
     "tie_word_embeddings": True,
     "bos_token_id": 50256,
     "eos_token_id": 50256,
+    "initializer_range": 0.3,
 }
 
 

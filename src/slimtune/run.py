@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,44 +71,66 @@ def _check_output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune as `cfg` says and return the report (also written to `<output_dir>/report.json`).
+@dataclass
+class Job:
+    """Everything a run builds, for tests and for users who want to step in between building and fitting."""
 
-    Every input is checked before the output folder is created, so bad input leaves nothing behind.
-    """
+    cfg: DictConfig
+    tokenizer: Any
+    model: torch.nn.Module
+    module: Any
+    datamodule: Any
+    callbacks: list
+    trainer: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Check every input and build tokenizer, data, model and callbacks; nothing is written yet."""
     import lightning.pytorch as L
 
-    from slimtune.callbacks import CompressionStats, PerplexityEvaluation
     from slimtune.data.datasets import load_raw, tokenize
     from slimtune.lightning import CausalLMDataModule, CausalLMModule
-    from slimtune.models import load_model, load_tokenizer, resolve_source, save_adapter, save_merged
-    from slimtune.models.loading import dtype_of, quantization_of
+    from slimtune.models import load_model, load_tokenizer, resolve_source
+    from slimtune.models.loading import quantization_of
 
     started = time.perf_counter()
     out = _check_output_dir(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     resolve_source(cfg.model)  # a missing path fails here, before any work
     quantization_of(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
-    model = load_model(cfg.model)
-    module = CausalLMModule(model, tokenizer, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
-    datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
-    callbacks = build_callbacks(cfg)
-
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).is_file():
         raise SlimtuneError(f"ckpt_path {ckpt_path!r} does not exist; valid: a .ckpt file, 'last', or null")
     if ckpt_path == "last" and not (out / "checkpoints" / "last.ckpt").is_file():
         raise SlimtuneError(f"ckpt_path=last but {str(out / 'checkpoints' / 'last.ckpt')!r} does not exist; run without ckpt_path first")
+    tokenizer = load_tokenizer(cfg.model)
+    data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
+    model = load_model(cfg.model)
+    module = CausalLMModule(model, tokenizer, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
+    datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
+    return Job(cfg, tokenizer, model, module, datamodule, build_callbacks(cfg), started=started)
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def fit(job: Job) -> Job:
+    """Create the output folder, the logger and the Trainer, and train (resuming from cfg.ckpt_path)."""
+    cfg = job.cfg
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg)
-    trainer = build_trainer(cfg, callbacks, logger)
+    job.trainer = build_trainer(cfg, job.callbacks, logger)
     if logger:
-        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path or None)
+        job.trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    return job
 
+
+def finish(job: Job) -> dict[str, Any]:
+    """Export the adapter and the merged model, write and log the report."""
+    from slimtune.callbacks import CompressionStats, PerplexityEvaluation
+    from slimtune.models import save_adapter, save_merged
+    from slimtune.models.loading import dtype_of, quantization_of
+
+    cfg, trainer, module, out = job.cfg, job.trainer, job.module, Path(job.cfg.output_dir)
     report: dict[str, Any] = {
         "name": cfg.get("name"),
         "model": str(cfg.model.get("name_or_path") or "config"),
@@ -119,25 +142,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train_tokens": module.tokens_seen,
         "train_tokens_per_s": module.tokens_seen / module.train_seconds if module.train_seconds else None,
     }
-    for cb in callbacks:
+    for cb in job.callbacks:
         if isinstance(cb, PerplexityEvaluation):
             for moment, result in cb.results.items():
                 report[f"{cb.name}_ppl_{moment}"] = result["ppl"]
         if isinstance(cb, CompressionStats):
             report.update({f"{cb.name}_{k}": v for k, v in cb.stats.items()})
-
-    if trainer.is_global_zero:
-        export = cfg.get("export") or {}
-        if export.get("adapter", True) and report["finetune"] == "lora":
-            report["adapter_dir"] = str(save_adapter(model, out / "adapter", tokenizer))
-        if export.get("merged", True):
-            report["merged_dir"] = str(save_merged(model, out / "merged", tokenizer, dtype=dtype_of(cfg.model)))
-        report["seconds"] = time.perf_counter() - started
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        report["report_path"] = str(out / "report.json")
-        _log_report(trainer, report, out)
-        print(format_report(report))
+    if not trainer.is_global_zero:
+        return report
+    export = cfg.get("export") or {}
+    if export.get("adapter", True) and report["finetune"] == "lora":
+        report["adapter_dir"] = str(save_adapter(job.model, out / "adapter", job.tokenizer))
+    if export.get("merged", True):
+        report["merged_dir"] = str(save_merged(job.model, out / "merged", job.tokenizer, dtype=dtype_of(cfg.model)))
+    report["seconds"] = time.perf_counter() - job.started
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    report["report_path"] = str(out / "report.json")
+    _log_report(trainer, report, out)
+    print(format_report(report))
     return report
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune as `cfg` says and return the report (also written to `<output_dir>/report.json`).
+
+    Every input is checked before the output folder is created, so bad input leaves nothing behind.
+    """
+    return finish(fit(prepare(cfg)))
 
 
 def _metric(trainer, key: str):

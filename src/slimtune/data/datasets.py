@@ -204,6 +204,8 @@ def tokenize(raw, tokenizer, data_cfg) -> TokenizedData:
             new_fingerprint=fingerprint, desc="Tokenizing and packing",
         )
         if len(packed) == 0:
+            if not any(str(text).strip() for text in raw[text_field]):  # error path only: reads the raw text
+                raise SlimtuneError(f"data {_describe(data_cfg)} is empty; it needs text")
             raise SlimtuneError(
                 f"data {_describe(data_cfg)} is shorter than one block of data.block_size={block_size} tokens; use more text or a smaller block_size"
             )

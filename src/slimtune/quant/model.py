@@ -1,0 +1,765 @@
+"""Post-training quantization of whole models: RTN, sequential GPTQ, LoRC/LoftQ adapters, NF4 LoRC.
+
+Layers are chosen by :func:`find_linear_layers` and replaced in place by
+:class:`slimtune.quant.layers.QuantLinear` (RTN, GPTQ) or bitsandbytes
+``Linear4bit`` (NF4).
+
+GPTQ (:func:`quantize_model_gptq`) follows the reference implementation's
+sequential, block-by-block calibration:
+
+1. A pre-forward hook on the first decoder block records its inputs
+   (hidden states plus every keyword argument: attention mask, position ids,
+   rotary ``position_embeddings``, ...) for each calibration batch and raises
+   to stop the forward, so nothing above the first block runs.
+2. Each decoder block in turn is moved to ``device`` (only that block; the
+   rest of the model stays where it is, so a model larger than the
+   accelerator can be calibrated), and its target linears are quantized in
+   "true-sequential" order (``true_sequential=True``, the reference's
+   ``--true-sequential``): the sublayers are grouped by the tensor they read,
+   in the order the block calls them, which for Llama gives
+   ``[q_proj, k_proj, v_proj] -> [o_proj] -> [gate_proj, up_proj] -> [down_proj]``.
+   For each group, the block is run over all calibration batches with hooks
+   accumulating each layer's Hessian (earlier groups already quantized), then
+   the group is GPTQ-quantized and replaced by ``QuantLinear``.
+   ``true_sequential=False`` quantizes all sublayers of a block after one pass.
+3. The block, now quantized, is run again over the recorded inputs; its
+   outputs are the next block's inputs.
+
+The recorded inputs are kept (on ``device``, else where the model computes)
+for all calibration batches at once, as in the reference.
+
+LoRC: quantize with ``keep_original=True`` to get the float weights back,
+then :func:`add_lorc_adapters` wraps the model with PEFT LoRA on the
+``QuantLinear`` layers, initialised so that ``Q + scaling * B A ≈ W``
+(``iters > 1``: LoftQ alternation that also re-quantizes the codes with RTN).
+:func:`lorc_nf4` does the same for bitsandbytes ``Linear4bit`` layers (made
+by :func:`quantize_model_nf4`), with PEFT's own 4-bit LoRA layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.quant.gptq import GPTQ
+from slimtune.quant.grid import QuantSpec, dequantize_values, group_index, quantize_to_grid
+from slimtune.quant.layers import QuantLinear, register_quant_lora
+from slimtune.quant.lorc import lorc_factors
+
+__all__ = [
+    "add_lorc_adapters",
+    "apply_lorc",
+    "capture_block_inputs",
+    "check_calibration",
+    "find_decoder_blocks",
+    "find_linear_layers",
+    "lorc_nf4",
+    "quantize_model_gptq",
+    "quantize_model_nf4",
+    "quantize_model_rtn",
+]
+
+# Where decoder blocks live in common HF causal LMs (first match wins).
+_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, Falcon, Bloom, GPT-J
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "model.language_model.layers",
+    "layers",
+)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+# --------------------------------------------------------------------------- layer selection
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    """A leaf layer with a matrix-like weight (linear/conv/quantized), not an embedding."""
+    if isinstance(module, QuantLinear):
+        return True
+    if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return True
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _short_names(names: Iterable[str]) -> str:
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(n.rsplit(".", 1)[-1], None)
+    return ", ".join(seen)
+
+
+def find_linear_layers(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    exclude: Sequence[str] = ("lm_head",),
+) -> dict[str, nn.Module]:
+    """Target layers of ``model`` by name, in module order.
+
+    Args:
+        targets: ``"all-linear"`` (every ``nn.Linear``-like layer: ``nn.Linear``
+            and its subclasses such as bitsandbytes layers, ``QuantLinear``,
+            transformers ``Conv1D``), or name patterns. A pattern matches a
+            layer name that equals it, ends with ``"." + pattern`` (a suffix
+            such as ``"q_proj"`` or ``"self_attn.q_proj"``), or matches it as
+            a full regex (``r"model\\.layers\\.[0-3]\\..*_proj"``). Patterns
+            match leaf layers with a weight matrix of any type, so the caller
+            decides what it supports.
+        exclude: Patterns (same rules) removed from the result.
+
+    Raises:
+        SlimtuneError: a pattern matches no layer (the message lists the valid names).
+    """
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
+    if not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise SlimtuneError(
+                f"targets={targets!r} is not valid; valid: 'all-linear' or a non-empty list of name patterns"
+            )
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    exclude = tuple(exclude or ())
+
+    candidates = {name: m for name, m in model.named_modules() if name and _is_candidate(m)}
+    if not candidates:
+        raise SlimtuneError(f"model {type(model).__name__} has no linear layers to quantize")
+
+    def excluded(name: str) -> bool:
+        return any(_matches(p, name) for p in exclude)
+
+    if targets == "all-linear":
+        found = {n: m for n, m in candidates.items() if _is_linear_like(m) and not excluded(n)}
+        if not found:
+            raise SlimtuneError(
+                f"targets='all-linear' matches no layer after exclude={list(exclude)}; "
+                f"valid layer names: {_short_names(candidates)}"
+            )
+        return found
+
+    found: dict[str, nn.Module] = {}
+    for pattern in targets:
+        hits = [n for n in candidates if _matches(pattern, n)]
+        if not hits:
+            raise SlimtuneError(
+                f"target pattern {pattern!r} matches no layer; valid: names ending in one of "
+                f"{_short_names(candidates)} (e.g. {next(iter(candidates))!r}) or a regex over full names"
+            )
+        kept = [n for n in hits if not excluded(n)]
+        if not kept:
+            raise SlimtuneError(
+                f"target pattern {pattern!r} only matches excluded layers (exclude={list(exclude)}); "
+                "valid: remove them from exclude"
+            )
+        for n in kept:
+            found[n] = candidates[n]
+    # Keep module order regardless of pattern order.
+    return {n: m for n, m in candidates.items() if n in found}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_float_linear(name: str, module: nn.Module, method: str) -> None:
+    weight = getattr(module, "weight", None)
+    ok = (
+        isinstance(module, nn.Linear)
+        and not type(module).__module__.startswith("bitsandbytes")
+        and isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
+        and weight.dim() == 2
+    )
+    if not ok:
+        raise SlimtuneError(f"{method} needs nn.Linear weights; layer {name} is {type(module).__name__}")
+
+
+def _check_spec(spec: Any) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise SlimtuneError(f"spec={spec!r} is not valid; valid: a slimtune.quant.QuantSpec")
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+@torch.no_grad()
+def quantize_model_rtn(
+    model: nn.Module,
+    spec: QuantSpec,
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    exclude: Sequence[str] = ("lm_head",),
+    keep_original: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor] | None:
+    """Round-to-nearest quantize the target layers in place (``nn.Linear`` -> ``QuantLinear``).
+
+    Returns the original weights (name -> float CPU tensor) when ``keep_original``, else ``None``.
+    """
+    _check_spec(spec)
+    layers = find_linear_layers(model, targets, exclude)
+    for name, module in layers.items():
+        _check_float_linear(name, module, "RTN quantization")
+    originals: dict[str, torch.Tensor] | None = {} if keep_original else None
+    for name, module in layers.items():
+        if originals is not None:
+            originals[name] = module.weight.detach().to("cpu", copy=True)
+        _set_module(model, name, QuantLinear.from_linear(module, spec, scale_dtype=scale_dtype))
+    return originals
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def _normalize_batches(batches: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(input_ids [b, T], attention_mask or None), ...]`` from tensors or dicts."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        batches = [batches]
+    try:
+        items = list(batches)
+    except TypeError:
+        raise SlimtuneError(
+            f"calibration batches={type(batches).__name__} is not valid; valid: a list of input_ids LongTensors"
+        ) from None
+    out = []
+    for i, item in enumerate(items):
+        mask = None
+        if isinstance(item, dict):
+            mask = item.get("attention_mask")
+            item = item.get("input_ids")
+        if (
+            not isinstance(item, torch.Tensor)
+            or item.dtype not in (torch.long, torch.int, torch.int16, torch.uint8)
+            or item.dim() not in (1, 2)
+            or item.numel() == 0
+        ):
+            desc = f"{item.dtype} {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
+            raise SlimtuneError(
+                f"calibration batch {i} ({desc}) is not valid; valid: input_ids LongTensor [batch, tokens]"
+            )
+        ids = item.long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+            mask = None if mask is None else mask.reshape(1, -1)
+        out.append((ids, mask))
+    return out
+
+
+def check_calibration(batches: Sequence[Any], n_samples: int) -> list:
+    """Check that ``batches`` hold at least ``n_samples`` sequences; return batches trimmed to exactly that many.
+
+    Raises:
+        SlimtuneError: e.g. "calibration set has 12 samples of 128 tokens, fewer than the 128 asked".
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise SlimtuneError(f"n_samples={n_samples!r} is not valid; valid: a positive int")
+    raw_items = [batches] if isinstance(batches, (torch.Tensor, dict)) else list(batches)
+    norm = _normalize_batches(raw_items)
+    total = sum(ids.shape[0] for ids, _ in norm)
+    lengths = sorted({ids.shape[1] for ids, _ in norm})
+    if total < n_samples:
+        if not lengths:
+            tokens = "0 tokens"
+        elif len(lengths) == 1:
+            tokens = f"{lengths[0]} tokens"
+        else:
+            tokens = f"{lengths[0]}-{lengths[-1]} tokens"
+        raise SlimtuneError(
+            f"calibration set has {total} samples of {tokens}, fewer than the {n_samples} asked"
+        )
+    trimmed, left = [], n_samples
+    for raw, (ids, _) in zip(raw_items, norm):
+        if left <= 0:
+            break
+        take = min(left, ids.shape[0])
+        if take == ids.shape[0]:
+            trimmed.append(raw)
+        elif isinstance(raw, dict):
+            trimmed.append({k: (v[:take] if isinstance(v, torch.Tensor) else v) for k, v in raw.items()})
+        else:
+            trimmed.append(raw[:take])
+        left -= take
+    return trimmed
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the decoder blocks (``model.layers`` for Llama-family models)."""
+    for path in _BLOCK_PATHS:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return path, blocks
+    raise SlimtuneError(
+        f"cannot find the decoder blocks of {type(model).__name__}; valid: a model with one of "
+        f"{', '.join(_BLOCK_PATHS)} (an nn.ModuleList)"
+    )
+
+
+def _to(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+    device: torch.device | None = None,
+) -> list[tuple[tuple, dict]]:
+    """Run the model up to the first block for each batch; return that block's ``(args, kwargs)`` per batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((_to(args, device), _to(dict(kwargs), device)))
+        raise _StopForward
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    in_device = embed.weight.device if embed is not None and hasattr(embed, "weight") else _module_device(model)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids, mask in batches:
+            kw = {"input_ids": ids.to(in_device), "use_cache": False}
+            if mask is not None:
+                kw["attention_mask"] = mask.to(in_device)
+            try:
+                model(**kw)
+            except _StopForward:
+                pass
+            else:  # pragma: no cover - the hook always fires for a decoder model
+                raise SlimtuneError(f"the first decoder block of {type(model).__name__} was not called")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _sublayer_groups(
+    block: nn.Module, names: list[str], args: tuple, kwargs: dict, prefix: str
+) -> list[list[str]]:
+    """Group the block's target layers by the tensor they read, in call order."""
+    keys: dict[str, tuple] = {}
+    keep_alive = []  # hold inputs so their memory is not reused by later tensors
+    handles = []
+    for n in names:
+        def hook(mod, inp, out, n=n):
+            if n not in keys:
+                x = inp[0]
+                keep_alive.append(x)
+                keys[n] = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride())
+        handles.append(block.get_submodule(n).register_forward_hook(hook))
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise SlimtuneError(f"layer {prefix}{missing[0]} received no input during calibration; valid: layers the block calls")
+    groups: dict[tuple, list[str]] = {}
+    for n in sorted(names, key=list(keys).index):
+        groups.setdefault(keys[n], []).append(n)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def quantize_model_gptq(
+    model: nn.Module,
+    calib_batches: Sequence[Any],
+    spec: QuantSpec,
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    exclude: Sequence[str] = ("lm_head",),
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    true_sequential: bool = True,
+    device: torch.device | str | None = None,
+    n_samples: int | None = None,
+    keep_original: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> dict[str, torch.Tensor] | None:
+    """Sequential (block-by-block) GPTQ of the target layers inside the decoder blocks, in place.
+
+    Args:
+        calib_batches: input_ids LongTensors ``[b, T]`` (or dicts with
+            ``input_ids`` and optional ``attention_mask``).
+        spec: Grid; ``damp``, ``block_size``, ``act_order`` go to :meth:`GPTQ.quantize`.
+        true_sequential: Quantize sublayer groups in call order (see module
+            docstring) instead of all of a block's layers after one pass.
+        device: Where each block (alone) and the recorded block inputs are
+            put while it is calibrated; ``None`` computes where the model is.
+        n_samples: If given, :func:`check_calibration` first (and use exactly that many).
+        keep_original: Return the original weights (name -> CPU tensor) for LoRC.
+
+    Returns:
+        The original weights when ``keep_original``, else ``None``.
+    """
+    _check_spec(spec)
+    if n_samples is not None:
+        calib_batches = check_calibration(calib_batches, n_samples)
+    batches = _normalize_batches(calib_batches)
+    if not batches:
+        raise SlimtuneError("calibration set has 0 samples; valid: at least one input_ids batch")
+    blocks_path, blocks = find_decoder_blocks(model)
+    layers = find_linear_layers(model, targets, exclude)
+    per_block: list[list[str]] = [[] for _ in blocks]
+    for name, module in layers.items():
+        m = re.match(rf"{re.escape(blocks_path)}\.(\d+)\.(.+)$", name)
+        if m is None or int(m.group(1)) >= len(blocks):
+            raise SlimtuneError(
+                f"layer {name} is outside the decoder blocks ({blocks_path}); valid: GPTQ targets inside "
+                "them (exclude it, or quantize it with quantize_model_rtn)"
+            )
+        _check_float_linear(name, module, "GPTQ")
+        per_block[int(m.group(1))].append(m.group(2))
+    device = torch.device(device) if device is not None else None
+
+    originals: dict[str, torch.Tensor] | None = {} if keep_original else None
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None and old_use_cache is not None:
+        config.use_cache = False
+    try:
+        inputs = capture_block_inputs(model, blocks, batches, device)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            def tqdm(x, **_):
+                return x
+        for i in tqdm(range(len(blocks)), desc="GPTQ blocks", disable=not progress):
+            block = blocks[i]
+            home = _module_device(block)
+            dev = device if device is not None else home
+            if device is not None:
+                block.to(device)
+            inputs = [(_to(a, dev), _to(k, dev)) for a, k in inputs]
+            names = per_block[i]
+            prefix = f"{blocks_path}.{i}."
+            if names:
+                groups = (
+                    _sublayer_groups(block, names, *inputs[0], prefix=prefix) if true_sequential else [names]
+                )
+                for group in groups:
+                    _gptq_group(block, group, inputs, spec, damp, block_size, act_order, scale_dtype,
+                                originals, prefix)
+            for j, (args, kwargs) in enumerate(inputs):
+                out = _hidden(block(*args, **kwargs))
+                inputs[j] = ((out,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
+            if device is not None:
+                block.to(home)
+    finally:
+        model.train(was_training)
+        if config is not None and old_use_cache is not None:
+            config.use_cache = old_use_cache
+    return originals
+
+
+def _gptq_group(
+    block: nn.Module,
+    group: list[str],
+    inputs: list[tuple[tuple, dict]],
+    spec: QuantSpec,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+    scale_dtype: torch.dtype,
+    originals: dict[str, torch.Tensor] | None,
+    prefix: str,
+) -> None:
+    """Accumulate Hessians of ``group`` over all inputs, GPTQ-quantize and replace the layers."""
+    modules = {n: block.get_submodule(n) for n in group}
+    gptqs = {n: GPTQ(m.in_features) for n, m in modules.items()}
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, g=gptqs[n]: g.add_batch(inp[0].detach()))
+        for n, m in modules.items()
+    ]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, m in modules.items():
+        if gptqs[n].hessian is None:
+            raise SlimtuneError(f"layer {prefix}{n} received no input during calibration")
+        result = gptqs[n].quantize(m.weight, spec, damp=damp, block_size=block_size, act_order=act_order)
+        if originals is not None:
+            originals[prefix + n] = m.weight.detach().to("cpu", copy=True)
+        new = QuantLinear.from_result(result, spec, m.bias, act_order=act_order,
+                                      dtype=m.weight.dtype, scale_dtype=scale_dtype)
+        _set_module(block, n, new)
+        del gptqs[n].hessian
+
+
+# --------------------------------------------------------------------------- LoRC
+
+
+def _check_rank(rank: Any, shape: tuple[int, int], name: str) -> None:
+    limit = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise SlimtuneError(f"rank={rank!r} is not valid for layer {name} {tuple(shape)}; valid: an int in [1, {limit}]")
+
+
+def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _check_originals(original_weights: Any, layers: dict[str, nn.Module], kind: str) -> None:
+    if not isinstance(original_weights, dict) or not original_weights:
+        raise SlimtuneError(
+            "original_weights is missing; valid: the dict returned by quantizing with keep_original=True"
+        )
+    if not layers:
+        raise SlimtuneError(f"the model has no {kind} layers; valid: quantize it first")
+    missing = [n for n in layers if n not in original_weights]
+    if missing:
+        raise SlimtuneError(
+            f"original weight of layer {missing[0]} is missing; valid: the dict returned by quantizing with keep_original=True"
+        )
+
+
+@torch.no_grad()
+def apply_lorc(
+    model: nn.Module,
+    rank: int,
+    iters: int = 1,
+    original_weights: dict[str, torch.Tensor] | None = None,
+    *,
+    method: str = "auto",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRC factors of every ``QuantLinear``: ``B @ A ≈ W - dequant(Q)``.
+
+    Returns ``{name: (A [rank, in], B [out, rank])}`` (float32, on the layer's
+    device). With ``iters > 1`` (LoftQ alternation) the codes are refined:
+    ``W - B @ A`` is RTN-requantized with the layer's grid and the factors
+    refit to the new error; the iterate with the smallest residual
+    ``||W - Q - B @ A||`` wins and its codes are written into the layer
+    (iteration 0 keeps the existing, e.g. GPTQ, codes).
+    """
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise SlimtuneError(f"iters={iters!r} is not valid; valid: an int >= 1")
+    layers = _quant_layers(model)
+    _check_originals(original_weights, layers, "QuantLinear")
+    factors = {}
+    for name, layer in layers.items():
+        _check_rank(rank, (layer.out_features, layer.in_features), name)
+        dev = layer.qweight.device
+        w = original_weights[name].to(device=dev, dtype=torch.float32)
+        if tuple(w.shape) != (layer.out_features, layer.in_features):
+            raise SlimtuneError(
+                f"original weight of layer {name} has shape {tuple(w.shape)}; valid: "
+                f"{(layer.out_features, layer.in_features)}"
+            )
+        base = layer.dequantized_weight()
+        best = None
+        new_codes = None
+        for it in range(iters):
+            if it > 0:
+                q, s, z = quantize_to_grid(w - lora_B @ lora_A, layer.spec)
+                s = s.to(layer.scales.dtype)  # dequantize as the layer will, with stored scales
+                g = group_index(layer.in_features, layer.spec, device=dev)
+                base = dequantize_values(q, s.float()[:, g], z[:, g])
+                new_codes = (q, s, z)
+            error = w - base
+            lora_A, lora_B = lorc_factors(error, rank, method=method)
+            lora_A, lora_B = lora_A.float(), lora_B.float()
+            residual = torch.linalg.matrix_norm(error - lora_B @ lora_A).item()
+            if best is None or residual < best[0]:
+                best = (residual, lora_A, lora_B, new_codes)
+        _, lora_A, lora_B, codes = best
+        if codes is not None:
+            layer.g_idx = None  # RTN groups are the default column order
+            layer.set_codes(*codes)
+        factors[name] = (lora_A, lora_B)
+    return factors
+
+
+def _init_lora(peft_model, factors, adapter_name: str) -> None:
+    base = peft_model.get_base_model()
+    for name, (lora_A, lora_B) in factors.items():
+        layer = base.get_submodule(name)
+        scaling = layer.scaling[adapter_name]
+        a = layer.lora_A[adapter_name].weight
+        b = layer.lora_B[adapter_name].weight
+        a.data.copy_(lora_A.to(device=a.device, dtype=a.dtype))
+        # PEFT computes scaling * B @ A: store B / scaling so the product is the factorisation.
+        b.data.copy_((lora_B / scaling).to(device=b.device, dtype=b.dtype))
+
+
+def add_lorc_adapters(
+    model: nn.Module,
+    original_weights: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float | None = None,
+    iters: int = 1,
+    *,
+    adapter_name: str = "default",
+    lora_dropout: float = 0.0,
+    method: str = "auto",
+    task_type: str | None = None,
+):
+    """Wrap ``model`` with PEFT LoRA on its ``QuantLinear`` layers initialised from LoRC.
+
+    ``lora_A``/``lora_B`` are set so that ``scaling * B @ A`` (PEFT's
+    ``scaling = alpha / rank``; ``alpha`` defaults to ``rank``) equals the
+    LoRC factorisation of ``W - Q``, so at step 0 each layer computes
+    ``(Q + B A) x ≈ W x``. ``iters > 1`` refines codes and factors LoftQ-style
+    (see :func:`apply_lorc`). ``task_type`` (e.g. ``"CAUSAL_LM"``) goes to the
+    ``LoraConfig``. The mapping QuantLinear -> QuantLinearLora is registered on
+    the config (see :mod:`slimtune.quant.layers`). Returns the ``peft.PeftModel``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    factors = apply_lorc(model, rank, iters, original_weights, method=method)
+    alpha = rank if alpha is None else alpha
+    config = register_quant_lora(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(factors), lora_dropout=lora_dropout,
+                   init_lora_weights=False, task_type=task_type)
+    )
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _init_lora(peft_model, factors, adapter_name)
+    return peft_model
+
+
+# --------------------------------------------------------------------------- NF4
+
+
+@torch.no_grad()
+def quantize_model_nf4(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    exclude: Sequence[str] = ("lm_head",),
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    keep_original: bool = False,
+) -> dict[str, torch.Tensor] | None:
+    """Replace target ``nn.Linear`` layers by bitsandbytes ``Linear4bit`` (QLoRA's NF4), in place, on their device.
+
+    Marks ``model.is_loaded_in_4bit = True`` so PEFT dispatches its 4-bit LoRA layer.
+    """
+    import bitsandbytes as bnb
+
+    layers = find_linear_layers(model, targets, exclude)
+    for name, module in layers.items():
+        _check_float_linear(name, module, "NF4 quantization")
+    originals: dict[str, torch.Tensor] | None = {} if keep_original else None
+    for name, module in layers.items():
+        w = module.weight.detach()
+        if originals is not None:
+            originals[name] = w.to("cpu", copy=True)
+        new = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None,
+            compute_dtype=compute_dtype or w.dtype, compress_statistics=compress_statistics,
+            quant_type=quant_type, device="meta",
+        )
+        data = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
+        new.weight = bnb.nn.Params4bit(
+            data.to("cpu", copy=True), requires_grad=False, blocksize=blocksize,
+            compress_statistics=compress_statistics, quant_type=quant_type,
+        ).to(w.device)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        _set_module(model, name, new)
+    model.is_loaded_in_4bit = True
+    return originals
+
+
+def lorc_nf4(
+    model: nn.Module,
+    original_weights: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float | None = None,
+    *,
+    adapter_name: str = "default",
+    lora_dropout: float = 0.0,
+    method: str = "auto",
+):
+    """LoRC for bitsandbytes ``Linear4bit`` layers: PEFT LoRA initialised to ``W - dequant(NF4(W))``.
+
+    Every ``Linear4bit`` in ``model`` needs its original weight in
+    ``original_weights``. Returns the ``peft.PeftModel`` (works on CPU).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+    from peft import LoraConfig, get_peft_model
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    _check_originals(original_weights, layers, "bitsandbytes Linear4bit")
+    factors = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            _check_rank(rank, (layer.out_features, layer.in_features), name)
+            deq = bnb_f.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            w = original_weights[name].to(device=deq.device, dtype=torch.float32)
+            if w.shape != deq.shape:
+                raise SlimtuneError(
+                    f"original weight of layer {name} has shape {tuple(w.shape)}; valid: {tuple(deq.shape)}"
+                )
+            lora_A, lora_B = lorc_factors(w - deq, rank, method=method)
+            factors[name] = (lora_A.float(), lora_B.float())
+    alpha = rank if alpha is None else alpha
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(factors), lora_dropout=lora_dropout,
+                        init_lora_weights=False)
+    model.is_loaded_in_4bit = True  # PEFT's bnb 4-bit dispatch keys on this flag
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _init_lora(peft_model, factors, adapter_name)
+    return peft_model
