@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 
 from conftest import ROOT
 from slimtune.callbacks import CompressionStats, PerplexityEvaluation

@@ -77,3 +77,12 @@ def test_cli_unknown_recipe_is_one_line_error():
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error: unknown recipe 'nope'; valid:")
+
+
+def test_callback_argument_errors_reach_the_user_as_one_line(tmp_path):
+    from slimtune.run import prepare
+
+    cfg = compose("recipe=qlora_tiny", f"output_dir={tmp_path / 'run'}", "callbacks.perplexity.max_windows=0")
+    with pytest.raises(SlimtuneError, match=r"^PerplexityEvaluation max_windows=0 is not valid"):
+        prepare(cfg)
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from slimtune.data import collate, load_raw, render_chat, tokenize
 from slimtune.data import datasets as data_module

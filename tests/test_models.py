@@ -13,6 +13,7 @@ from slimtune.models.stats import compression_stats
 def test_sources_are_told_apart(tmp_path, tiny_model_cfg):
     assert resolve_source(tiny_model_cfg).kind == "config"
     assert resolve_source({"name_or_path": "meta-llama/Llama-2-13b-hf"}).kind == "hub"
+    assert resolve_source({"name_or_path": "Qwen/Qwen2.5-0.5B"}).kind == "hub"
     assert resolve_source({"name_or_path": str(tmp_path)}).kind == "local"
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")

@@ -23,7 +23,15 @@ def _instantiate(node: Any) -> Any:
     from hydra.utils import instantiate
 
     if isinstance(node, DictConfig) and "_target_" in node:
-        return instantiate(node, _convert_="all")
+        try:
+            return instantiate(node, _convert_="all")
+        except Exception as err:  # Hydra wraps a class's own argument error: surface slimtune's one-line message
+            cause = err
+            while cause is not None and not isinstance(cause, SlimtuneError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise SlimtuneError(f"{node._target_}: {str(err).splitlines()[0]}") from err
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 FINETUNES = ("lora", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")  # "name" or "org/name"
+_WEIGHT_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json"}
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def resolve_source(model_cfg) -> ModelSource:
         return ModelSource("gguf", str(folder), file)
     if path.is_dir():
         return ModelSource("local", str(path))
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or path.suffix
-    if looks_like_path or not _HUB_ID.match(name) or name.count("/") > 1:
+    looks_like_path = name.startswith((".", "/", "~")) or path.suffix.lower() in _WEIGHT_FILE_SUFFIXES
+    if looks_like_path or not _HUB_ID.match(name):
         raise SlimtuneError(
             f"model path {name!r} does not exist; valid: a hub id (org/name), a local folder, a .gguf file, or model.config"
         )
