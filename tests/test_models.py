@@ -102,3 +102,32 @@ def test_qlora_13b_skeleton_without_download():
     trainable, total = count_parameters(model)
     assert trainable == 40 * per_layer == 250_347_520
     assert 13.0e9 < total - trainable < 13.1e9
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
+def test_local_folder_source_through_transformers_quantization(tmp_path, tiny_model_cfg, quant):
+    """A local folder loads through transformers' BitsAndBytesConfig; it quantizes exactly as slimtune's in-place
+    swap (used for GGUF files and configs, which transformers cannot quantize at load) does."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.models import load_config
+    from slimtune.models.loading import _swap_linear_for_bnb
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(load_config(tiny_model_cfg)).save_pretrained(tmp_path / "tiny")
+    cfg = {**tiny_model_cfg, "config": None, "name_or_path": str(tmp_path / "tiny"), "quantization": quant}
+    model = load_model(cfg)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    expected = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt, "none": torch.nn.Linear}[quant]
+    assert type(layer) is expected
+    swapped = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    if quant != "none":
+        _swap_linear_for_bnb(swapped, quant, True, torch.float32)
+    if quant == "int8":  # LLM.int8's CPU matmul is not bit-reproducible call to call: compare what is stored
+        theirs = swapped.model.layers[1].mlp.down_proj.weight
+        assert torch.equal(layer.weight.data, theirs.data) and torch.equal(layer.weight.SCB, theirs.SCB)
+        return
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, swapped(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

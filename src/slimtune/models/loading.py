@@ -185,7 +185,7 @@ def _swap_linear_for_bnb(model: nn.Module, quant: str, double_quant: bool, compu
             if quant == "int8":
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                           has_fp16_weights=False, threshold=6.0, device="meta")
-                new.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
+                new.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False,
                                                has_fp16_weights=False)
             else:
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
