@@ -53,7 +53,9 @@ def build_callbacks(cfg: DictConfig) -> list:
         ))
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    return callbacks
+    from slimtune.callbacks.ptq import ptq_first
+
+    return ptq_first(callbacks)  # post-training quantization runs before anything measures the model
 
 
 def build_logger(cfg: DictConfig):
@@ -107,6 +109,9 @@ def prepare(cfg: DictConfig) -> Job:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     resolve_source(cfg.model)  # a missing path fails here, before any work
     quantization_of(cfg.model)
+    from slimtune.callbacks.ptq import check_run_config
+
+    check_run_config(cfg)  # PostTrainingQuantization needs a float, frozen base
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).is_file():
         raise SlimtuneError(f"ckpt_path {ckpt_path!r} does not exist; valid: a .ckpt file, 'last', or null")
@@ -134,7 +139,8 @@ def fit(job: Job) -> Job:
 
 def finish(job: Job) -> dict[str, Any]:
     """Export the adapter and the merged model, write and log the report."""
-    from slimtune.callbacks import CompressionStats, PerplexityEvaluation
+    from slimtune.callbacks import CompressionStats, PerplexityEvaluation, PostTrainingQuantization
+    from slimtune.callbacks.ptq import export_quantized
     from slimtune.models import save_adapter, save_merged
     from slimtune.models.loading import dtype_of, quantization_of
 
@@ -156,11 +162,17 @@ def finish(job: Job) -> dict[str, Any]:
                 report[f"{cb.name}_ppl_{moment}"] = result["ppl"]
         if isinstance(cb, CompressionStats):
             report.update({f"{cb.name}_{k}": v for k, v in cb.stats.items()})
+        if isinstance(cb, PostTrainingQuantization):
+            report.update(cb.report())
     if not trainer.is_global_zero:
         return report
     export = cfg.get("export") or {}
     if export.get("adapter", True) and report["finetune"] == "lora":
         report["adapter_dir"] = str(save_adapter(job.model, out / "adapter", job.tokenizer))
+    if export.get("quantized", True):  # a base quantized by PostTrainingQuantization: slimtune.quant.load_quantized
+        quantized_dir = export_quantized(job.model, out / "quantized", job.tokenizer)
+        if quantized_dir is not None:
+            report["quantized_dir"] = str(quantized_dir)
     if export.get("merged", True):
         report["merged_dir"] = str(save_merged(job.model, out / "merged", job.tokenizer, dtype=dtype_of(cfg.model)))
     report["seconds"] = time.perf_counter() - job.started

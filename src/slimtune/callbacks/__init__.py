@@ -1,6 +1,8 @@
 """slimtune's Lightning callbacks; each works in `lightning.pytorch` and `pytorch_lightning` Trainers alike."""
 
 from slimtune.callbacks.compression_stats import CompressionStats
+from slimtune.callbacks.outliers import ActivationOutlierMonitor
 from slimtune.callbacks.perplexity import PerplexityEvaluation
+from slimtune.callbacks.ptq import PostTrainingQuantization
 
-__all__ = ["CompressionStats", "PerplexityEvaluation"]
+__all__ = ["ActivationOutlierMonitor", "CompressionStats", "PerplexityEvaluation", "PostTrainingQuantization"]

@@ -17,7 +17,9 @@ from torch import nn
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The float32 weight a (possibly bitsandbytes-quantized) linear layer computes with."""
+    """The float32 weight a (possibly quantized: bitsandbytes, slimtune) linear layer computes with."""
+    if hasattr(layer, "dequantized_weight"):  # slimtune's QuantLinear (packed codes, no `.weight`)
+        return layer.dequantized_weight().float()
     weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
@@ -27,8 +29,6 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     scb = getattr(weight, "SCB", None)
     if scb is not None and weight.dtype == torch.int8:  # bitsandbytes LLM.int8 (row-wise absmax)
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0
-    if hasattr(layer, "dequantized_weight"):  # slimtune's own quantized layers
-        return layer.dequantized_weight().float()
     return weight.detach().float()
 
 
@@ -58,11 +58,10 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
         direct = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         if not direct:
             continue
-        if hasattr(module, "weight") and isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight"):
+            # A linear layer, quantized or not, becomes weight (+ bias); quantization buffers are not carried over.
             state[f"{name}.weight"] = dequantized_weight(module).to(dtype)
-            direct.pop("weight", None)
-            for extra in ("SCB", "weight_format"):
-                direct.pop(extra, None)
+            direct = {"bias": direct["bias"]} if direct.get("bias") is not None else {}
         for key, tensor in direct.items():
             if tensor is None:
                 continue

@@ -335,6 +335,10 @@ class QuantLinear(nn.Module):
                 total += buf.numel() * buf.element_size() * 8
         return total
 
+    def logical_numel(self) -> int:
+        """Weights this layer stands for (what `slimtune.models.stats` counts as its parameters)."""
+        return self.n_parameters()
+
     def n_parameters(self) -> int:
         """Parameters of the float layer this one replaces (weight plus bias)."""
         return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
