@@ -1,0 +1,106 @@
+"""One slimtune PTQ run on SmolLM2-135M-Instruct (system python); called by gptq_vs_llmcompressor.py.
+
+    python benchmarks/ptq/slimtune_worker.py --data /tmp/slimtune_ptq/data.pt --method gptq --bits 3 --group 64 \
+        --out /tmp/slimtune_ptq/run.json [--export-dir DIR]
+
+Methods: fp (no quantization), gptq (quantize_model_gptq, damp 0.01, block 128, act_order False, lm_head kept),
+rtn (quantize_model_rtn). Writes a JSON with load / quantization / evaluation seconds, perplexity and stored bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SMOLLM2, Timer, weight_checksum  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--method", choices=("fp", "gptq", "rtn"), required=True)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group", type=int, default=64)
+    parser.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--calib-batch", type=int, default=8)
+    parser.add_argument("--no-true-sequential", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export-dir", default=None, help="keep the save_quantized export here")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from slimtune.eval import perplexity
+    from slimtune.models import load_base_model
+    from slimtune.quant import (QuantSpec, quantize_model_gptq, quantize_model_rtn, save_quantized,
+                                stored_bits_per_parameter)
+
+    data = torch.load(args.data)
+    result: dict = {"side": "slimtune", "method": args.method}
+    with Timer() as t_load:
+        model = load_base_model(SMOLLM2).eval()
+    result["load_s"] = t_load.seconds
+    result["weight_checksum"] = weight_checksum(model)
+
+    if args.method != "fp":
+        spec = QuantSpec(bits=args.bits, group_size=args.group, symmetric=not args.asym)
+        result.update(bits=args.bits, group_size=args.group, symmetric=spec.symmetric)
+        calib = list(data["calib"].split(args.calib_batch))
+        cpu0 = time.process_time()
+        with Timer() as t_quant:
+            if args.method == "gptq":
+                quantize_model_gptq(model, calib, spec, damp=args.damp, block_size=args.block_size, act_order=False,
+                                    true_sequential=not args.no_true_sequential, progress=False)
+            else:
+                quantize_model_rtn(model, spec)
+        result["quant_s"] = t_quant.seconds
+        result["quant_cpu_s"] = time.process_time() - cpu0  # all threads of this process
+        if args.method == "gptq":
+            result.update(damp=args.damp, block_size=args.block_size, act_order=False,
+                          true_sequential=not args.no_true_sequential,
+                          calibration=f"{data['calib'].shape[0]} x {data['calib'].shape[1]}, batches of {args.calib_batch}")
+        q_bits, all_bits = stored_bits_per_parameter(model)
+        result["stored_bits_per_param_quantized_layers"] = q_bits
+        result["stored_bits_per_param_whole_model"] = all_bits
+        tmp = Path(tempfile.mkdtemp(prefix="slimtune_ptq_export_"))
+        try:
+            export = save_quantized(model, tmp / "model")
+            st = export / "model.safetensors"
+            result["export_safetensors_bytes"] = st.stat().st_size
+            result["export_dir_bytes"] = dir_bytes(export)
+            if args.export_dir:
+                dest = Path(args.export_dir)
+                if dest.exists():
+                    shutil.rmtree(dest)
+                shutil.copytree(export, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    with Timer() as t_eval:
+        ppl = perplexity(model, data["eval_ids"], data["eval_len"], progress=False)
+    result.update(ppl=ppl["ppl"], nll=ppl["nll"], eval_windows=ppl["windows"], eval_s=t_eval.seconds)
+    if not math.isfinite(result["ppl"]):
+        result["warning"] = "non-finite perplexity"
+    result["worker_total_s"] = time.perf_counter() - started
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
