@@ -96,7 +96,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--block-size",
                str(args.block_size), "--batch-size", str(args.batch_size), "--val-batches", str(args.val_batches),
                "--seed", str(args.seed), "--data", args.data]
-        log = log_dir / f"nf4_vs_fp32_{variant}.log"
+        log = log_dir / f"{Path(args.out).stem}_{variant}.log"
         with open(log, "w") as fh:
             rc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, cwd=str(C.ROOT)).returncode
         result = C.parse_emitted(log.read_text())

@@ -273,6 +273,8 @@ def summarize(runs: list[dict]) -> dict:
         "tokens_per_s": C.median([r["tokens_per_s"] for r in rs]),
         "loop_tokens_per_s": C.median([r["loop_tokens_per_s"] for r in rs]),
         "tokens_per_cpu_s": C.median([r["tokens_per_cpu_s"] for r in rs]),
+        # the fastest timed step of all rounds: the least disturbed by other load on a shared machine
+        "best_step_seconds": min(min(r["step_seconds"][len(r["step_seconds"]) - r["timed_steps"]:]) for r in rs),
         "median_step_seconds": C.median([C.median(r["step_seconds"][len(r["step_seconds"]) - r["timed_steps"]:])
                                          for r in rs]),
         "peak_rss_mb": C.median([r["wait4_maxrss_mb"] for r in rs]),
@@ -292,6 +294,8 @@ def summarize(runs: list[dict]) -> dict:
             "tokens_per_s": ratio("tokens_per_s"),
             "loop_tokens_per_s": ratio("loop_tokens_per_s"),
             "tokens_per_cpu_s": ratio("tokens_per_cpu_s"),
+            "best_step_speed": b["best_step_seconds"] / a["best_step_seconds"],
+            "per_round_tokens_per_s": [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(by["slimtune"], by["hf"])],
             "peak_rss": ratio("peak_rss_mb"),
             "train_peak_rss": ratio("train_peak_rss_mb"),
         },
@@ -311,7 +315,14 @@ def main() -> None:
     p.add_argument("--only", choices=SIDES, help="run one side only (for profiling)")
     p.add_argument("--slimtune-override", action="append", default=[], help="extra slimtune override (repeatable)")
     p.add_argument("--out", default=str(C.RESULTS / "qlora_vs_hf_trainer.json"))
+    p.add_argument("--resummarize", action="store_true", help="recompute medians and ratios of --out's runs")
     args = p.parse_args()
+    if args.resummarize:
+        result = json.loads(Path(args.out).read_text())
+        result.update(summarize(result["runs"]))
+        C.write_json(Path(args.out), result)
+        print(json.dumps({k: result[k] for k in ("medians", "ratios_slimtune_over_hf")}, indent=2))
+        return
     if args.child:
         C.emit({**(run_slimtune(args) if args.child == "slimtune" else run_hf(args)), "env": C.environment()})
         return
