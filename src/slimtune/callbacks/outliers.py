@@ -30,7 +30,6 @@ rows appended to `<trainer.log_dir or default_root_dir>/outliers.csv`. At fit en
 from __future__ import annotations
 
 import csv
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 
 from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
 from slimtune.errors import SlimtuneError
+from slimtune.quant.model import is_linear_like, select_names
 
 COLUMNS = ("layer", "calls", "tokens", "channels", "max_abs", "median_abs", "max_median_ratio", "outlier_channels",
            "outlier_share", "top_channel", "kurtosis", "at_risk")
@@ -58,23 +58,6 @@ def _warn(message: str, in_trainer: bool) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _matches(pattern: str, name: str) -> bool:
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if type(module).__name__ == "QuantLinear" or type(module).__name__ == "Linear4bit":
-        return True
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers by name as the plain model names them; a PEFT LoRA layer stands for its base layer."""
     try:
@@ -87,7 +70,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in base.named_modules():
         if not name or any(name.startswith(t + ".") for t in tuners):
             continue
-        if name in tuners or _is_linear_like(module):
+        if name in tuners or is_linear_like(module):
             found[name] = module
     return found
 
@@ -219,22 +202,8 @@ class ActivationOutlierMonitor(SlimtuneCallback):
         layers = linear_layers(model)
         if not layers:
             raise SlimtuneError(f"model {type(model).__name__} has no linear layers to monitor")
-        kept = {n: m for n, m in layers.items() if not any(_matches(p, n) for p in self.exclude)}
-        if self.patterns == "all-linear":
-            chosen = set(kept)
-        else:
-            chosen = set()
-            for pattern in [self.patterns] if isinstance(self.patterns, str) else self.patterns:
-                hits = [n for n in kept if _matches(pattern, n)]
-                if not hits:
-                    short = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
-                    raise SlimtuneError(
-                        f"ActivationOutlierMonitor pattern {pattern!r} matches no linear layer; valid: names ending in "
-                        f"one of {short} (e.g. {next(iter(layers))!r}) or a regex over full names"
-                    )
-                chosen.update(hits)
-        if not chosen:
-            raise SlimtuneError(f"ActivationOutlierMonitor patterns={self.patterns!r} with exclude={self.exclude} leaves no layer")
+        chosen = select_names(layers, self.patterns, self.exclude, "ActivationOutlierMonitor pattern",
+                              "ActivationOutlierMonitor patterns")
         return {n: m for n, m in layers.items() if n in chosen}
 
     def attach(self, model: nn.Module, active: bool = True) -> ActivationOutlierMonitor:

@@ -46,6 +46,7 @@ from torch import nn
 
 from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
 from slimtune.errors import SlimtuneError, choices
+from slimtune.quant.model import is_linear_like, select_names
 
 METHODS = ("rtn", "gptq", "nf4")
 BITS = (2, 3, 4, 8)
@@ -162,29 +163,12 @@ def calibration_batches(source: Any, tokenizer, n_samples: int, seq_len: int, se
 # --------------------------------------------------------------------------- targets inside PEFT models
 
 
-def _matches(pattern: str, name: str) -> bool:
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
 def _tuner_types() -> tuple[type, ...]:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover
         return ()
     return (BaseTunerLayer,)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    from slimtune.quant import QuantLinear
-
-    if isinstance(module, (nn.Linear, QuantLinear)):
-        return True
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
 def _is_bnb(module: nn.Module) -> bool:
@@ -223,29 +207,13 @@ def linear_targets(base: nn.Module, targets: str | Sequence[str] = "all-linear",
             path, inner = name, module
             while hasattr(inner, "base_layer") and isinstance(inner.base_layer, nn.Module):
                 path, inner = path + ".base_layer", inner.base_layer
-            if _is_linear_like(inner):
+            if is_linear_like(inner):
                 candidates[name] = _Target(name, path, module)
-        elif _is_linear_like(module):
+        elif is_linear_like(module):
             candidates[name] = _Target(name, name, None)
     if not candidates:
         raise SlimtuneError(f"model {type(base).__name__} has no linear layers to quantize")
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
-    kept = {n: t for n, t in candidates.items() if not any(_matches(p, n) for p in exclude)}
-    if targets == "all-linear":
-        found = set(kept)
-    else:
-        found = set()
-        for pattern in [targets] if isinstance(targets, str) else targets:
-            hits = [n for n in kept if _matches(pattern, n)]
-            if not hits:
-                short = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in candidates))
-                raise SlimtuneError(
-                    f"targets pattern {pattern!r} matches no linear layer; valid: names ending in one of {short} "
-                    f"(e.g. {next(iter(candidates))!r}) or a regex over full names"
-                )
-            found.update(hits)
-    if not found:
-        raise SlimtuneError(f"targets={targets!r} with exclude={exclude} leaves no layer to quantize")
+    found = set(select_names(candidates, targets, exclude, "targets pattern", "targets"))
     return [t for n, t in candidates.items() if n in found]
 
 

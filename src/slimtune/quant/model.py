@@ -92,13 +92,15 @@ def _is_candidate(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() >= 2
 
 
-def _is_linear_like(module: nn.Module) -> bool:
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear and its subclasses (bitsandbytes layers), QuantLinear, and transformers' Conv1D."""
     if isinstance(module, (nn.Linear, QuantLinear)):
         return True
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
-def _matches(pattern: str, name: str) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
+    """A layer name matches a pattern it equals, ends with ("." + pattern), or matches as a full regex."""
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
@@ -151,10 +153,10 @@ def find_linear_layers(
         raise SlimtuneError(f"model {type(model).__name__} has no linear layers to quantize")
 
     def excluded(name: str) -> bool:
-        return any(_matches(p, name) for p in exclude)
+        return any(name_matches(p, name) for p in exclude)
 
     if targets == "all-linear":
-        found = {n: m for n, m in candidates.items() if _is_linear_like(m) and not excluded(n)}
+        found = {n: m for n, m in candidates.items() if is_linear_like(m) and not excluded(n)}
         if not found:
             raise SlimtuneError(
                 f"targets='all-linear' matches no layer after exclude={list(exclude)}; "
@@ -164,7 +166,7 @@ def find_linear_layers(
 
     found: dict[str, nn.Module] = {}
     for pattern in targets:
-        hits = [n for n in candidates if _matches(pattern, n)]
+        hits = [n for n in candidates if name_matches(pattern, n)]
         if not hits:
             raise SlimtuneError(
                 f"target pattern {pattern!r} matches no layer; valid: names ending in one of "
@@ -180,6 +182,33 @@ def find_linear_layers(
             found[n] = candidates[n]
     # Keep module order regardless of pattern order.
     return {n: m for n, m in candidates.items() if n in found}
+
+
+def select_names(names: Sequence[str], patterns: str | Sequence[str], exclude: Sequence[str], item: str,
+                 setting: str) -> list[str]:
+    """`names` that `patterns` ("all-linear" or name patterns) pick, minus `exclude`, in their order.
+
+    A pattern matching nothing is a one-line SlimtuneError worded with `item` ("targets pattern"); an empty result
+    one worded with `setting` ("targets").
+    """
+    names = list(names)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
+    kept = [n for n in names if not any(name_matches(p, n) for p in exclude)]
+    if patterns == "all-linear":
+        chosen = set(kept)
+    else:
+        chosen = set()
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            hits = [n for n in kept if name_matches(pattern, n)]
+            if not hits:
+                raise SlimtuneError(
+                    f"{item} {pattern!r} matches no linear layer; valid: names ending in one of {_short_names(names)} "
+                    f"(e.g. {names[0]!r}) or a regex over full names"
+                )
+            chosen.update(hits)
+    if not chosen:
+        raise SlimtuneError(f"{setting}={patterns!r} with exclude={exclude} leaves no layer")
+    return [n for n in names if n in chosen]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
