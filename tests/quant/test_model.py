@@ -192,6 +192,23 @@ def test_gptq_one_pass_per_block_and_device_argument(fp_model, calib, eval_ids):
     assert mse(logits(model, eval_ids), logits(fp_model, eval_ids)) < 1e-3
 
 
+@pytest.mark.parametrize("true_sequential, o_proj_runs", [(False, 2), (True, 4)])
+def test_gptq_pass_count_and_shared_hessians(fp_model, calib, monkeypatch, true_sequential, o_proj_runs):
+    """Layers reading one tensor share a Hessian (4 accumulations per block and batch, not 7); true-sequential
+    passes stop once their group has read its input, so o_proj runs in 4 passes per batch (o, gate/up, down groups
+    and the output pass), not 5; one-pass mode runs it twice (calibration and output)."""
+    added = []
+    original_add = GPTQ.add_batch
+    monkeypatch.setattr(GPTQ, "add_batch", lambda self, x: (added.append(x.shape), original_add(self, x))[1])
+    model = copy.deepcopy(fp_model)
+    calls = []
+    model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda *a: calls.append(1))
+    quantize_model_gptq(model, calib, QuantSpec(4, 32), true_sequential=true_sequential, progress=False)
+    n_batches = len(calib)
+    assert len(added) == 4 * len(model.model.layers) * n_batches
+    assert len(calls) == o_proj_runs * n_batches
+
+
 def test_check_calibration():
     batches = [torch.zeros(8, 128, dtype=torch.long), torch.zeros(4, 128, dtype=torch.long)]
     with pytest.raises(SlimtuneError, match="calibration set has 12 samples of 128 tokens, fewer than the 128 asked"):

@@ -21,10 +21,8 @@ import torch
 from slimtune.quant.grid import (
     QuantSpec,
     dequantize,
-    dequantize_values,
     group_index,
     qparams_from_range,
-    quantize_values,
 )
 
 # Cholesky retries multiply the damping by this factor each time.
@@ -95,7 +93,7 @@ class GPTQ:
         n_new = x.shape[0]
         if n_new == 0:
             return
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()):  # one cheap reduction instead of an elementwise check per batch
             raise ValueError("inputs contain NaN/inf values; valid: finite activations")
         if self.hessian is None:
             self.hessian = torch.zeros(
@@ -153,10 +151,16 @@ class GPTQ:
         scale = torch.zeros(n_out, n_groups, dtype=torch.float32, device=device)
         zero = torch.zeros_like(scale)
         group_ready = [False] * n_groups
+        group_scale: list[torch.Tensor | None] = [None] * n_groups  # contiguous [out] vectors, made once per group
+        group_zero: list[torch.Tensor | None] = [None] * n_groups
         g_list = g_of_col.tolist()
+        hinv_diag = Hinv.diagonal().tolist()
         codes = torch.zeros_like(W)
         losses = torch.zeros(n_out, dtype=torch.float32, device=device)
+        maxq = float(spec.maxq)
 
+        # The column loop is the reference algorithm; its body is written with few, in-place kernels because it
+        # runs once per input column of every layer (quantize_values/dequantize_values compute the same formula).
         for b1 in range(0, n_cols, block_size):
             b2 = min(b1 + block_size, n_cols)
             W1 = W[:, b1:b2]  # a view: in-block updates are visible to group params below
@@ -172,19 +176,22 @@ class GPTQ:
                     scale[:, g], zero[:, g] = qparams_from_range(
                         members_w.amin(dim=1), members_w.amax(dim=1), spec
                     )
+                    group_scale[g], group_zero[g] = scale[:, g].contiguous(), zero[:, g].contiguous()
                     group_ready[g] = True
+                s, z = group_scale[g], group_zero[g]
                 w = W1[:, i]
-                d = Hinv1[i, i]
-                q = quantize_values(w, scale[:, g], zero[:, g], spec)
-                w_hat = dequantize_values(q, scale[:, g], zero[:, g])
+                q = torch.div(w, s).round_().add_(z).clamp_(0.0, maxq)
                 codes[:, b1 + i] = q
-                err = (w - w_hat) / d
-                losses += err.square() / 2
+                err = Err1[:, i]
+                torch.sub(w, (q - z).mul_(s), out=err)
+                err.div_(hinv_diag[b1 + i])
                 # OBS update of the rest of the block (columns after i).
-                W1[:, i + 1 :] -= err.unsqueeze(1) @ Hinv1[i, i + 1 :].unsqueeze(0)
-                Err1[:, i] = err
+                if i + 1 < b2 - b1:
+                    W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1.0)
+            losses += Err1.square().sum(dim=1) / 2
             # Lazy batch update: apply the whole block's error to later columns once.
-            W[:, b2:] -= Err1 @ Hinv[b1:b2, b2:]
+            if b2 < n_cols:
+                W[:, b2:].addmm_(Err1, Hinv[b1:b2, b2:], alpha=-1.0)
 
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]

@@ -19,11 +19,16 @@ sequential, block-by-block calibration:
    in the order the block calls them, which for Llama gives
    ``[q_proj, k_proj, v_proj] -> [o_proj] -> [gate_proj, up_proj] -> [down_proj]``.
    For each group, the block is run over all calibration batches with hooks
-   accumulating each layer's Hessian (earlier groups already quantized), then
-   the group is GPTQ-quantized and replaced by ``QuantLinear``.
-   ``true_sequential=False`` quantizes all sublayers of a block after one pass.
+   accumulating the Hessian (earlier groups already quantized; the forward is
+   cut once the group's layers have read their input), then the group is
+   GPTQ-quantized. ``true_sequential=False`` quantizes all sublayers of a block
+   after one pass, as llm-compressor does: two passes per block instead of five.
+   Layers reading the same tensor (q/k/v, gate/up) share one Hessian.
 3. The block, now quantized, is run again over the recorded inputs; its
-   outputs are the next block's inputs.
+   outputs are the next block's inputs. Until then the quantized layers keep
+   their float modules holding the exact dequantized weights (plain matmuls
+   rather than unpacking codes on every call); the ``QuantLinear`` layers are
+   swapped in after this pass.
 
 The recorded inputs are kept (on ``device``, else where the model computes)
 for all calibration batches at once, as in the reference.
@@ -511,6 +516,7 @@ def quantize_model_gptq(
         except ImportError:  # pragma: no cover
             def tqdm(x, **_):
                 return x
+        group_cache: dict[tuple[str, ...], list[list[str]]] = {}
         for i in tqdm(range(len(blocks)), desc="GPTQ blocks", disable=not progress):
             block = blocks[i]
             home = _module_device(block)
@@ -520,16 +526,23 @@ def quantize_model_gptq(
             inputs = [(_to(a, dev), _to(k, dev)) for a, k in inputs]
             names = per_block[i]
             prefix = f"{blocks_path}.{i}."
+            pending: dict[str, QuantLinear] = {}
             if names:
-                groups = (
-                    _sublayer_groups(block, names, *inputs[0], prefix=prefix) if true_sequential else [names]
-                )
+                if not true_sequential:
+                    groups = [names]
+                else:  # blocks of one model share their call graph: find it once per set of layer names
+                    key = tuple(names)
+                    if key not in group_cache:
+                        group_cache[key] = _sublayer_groups(block, names, *inputs[0], prefix=prefix)
+                    groups = group_cache[key]
                 for group in groups:
-                    _gptq_group(block, group, inputs, spec, damp, block_size, act_order, scale_dtype,
-                                originals, prefix)
+                    pending.update(_gptq_group(block, group, inputs, spec, damp, block_size, act_order, scale_dtype,
+                                               originals, prefix, stop_early=true_sequential))
             for j, (args, kwargs) in enumerate(inputs):
                 out = _hidden(block(*args, **kwargs))
                 inputs[j] = ((out,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
+            for n, new_layer in pending.items():
+                _set_module(block, n, new_layer)
             if device is not None:
                 block.to(home)
     finally:
@@ -550,30 +563,63 @@ def _gptq_group(
     scale_dtype: torch.dtype,
     originals: dict[str, torch.Tensor] | None,
     prefix: str,
-) -> None:
-    """Accumulate Hessians of ``group`` over all inputs, GPTQ-quantize and replace the layers."""
+    stop_early: bool,
+) -> dict[str, QuantLinear]:
+    """Accumulate Hessians of ``group`` over all inputs and GPTQ-quantize its layers.
+
+    Layers that read the same tensor (q/k/v, gate/up) share one Hessian, accumulated once. With ``stop_early`` the
+    block's forward is cut once every layer of the group has read its input (the rest of the block would be wasted
+    work). Each layer keeps its float module, with the weight replaced by exactly what its ``QuantLinear`` computes,
+    so later passes run plain matmuls instead of unpacking codes per call; the returned ``QuantLinear`` layers are
+    swapped in by the caller after the block's output pass.
+    """
     modules = {n: block.get_submodule(n) for n in group}
     gptqs = {n: GPTQ(m.in_features) for n, m in modules.items()}
-    handles = [
-        m.register_forward_hook(lambda mod, inp, out, g=gptqs[n]: g.add_batch(inp[0].detach()))
-        for n, m in modules.items()
-    ]
+    leader_of: dict[str, str] = {}  # layer -> the layer whose Hessian it shares (first batch decides)
+    seen: list[tuple[torch.Tensor, str]] = []  # (input tensor, layer that accumulated it) in this batch
+    fired: set[str] = set()
+
+    def hook(mod, inp, out, n):
+        x = inp[0]
+        lead = next((name for t, name in seen if t is x), None)
+        if n not in leader_of:
+            leader_of[n] = lead if lead is not None else n
+        elif leader_of[n] != (lead if lead is not None else n):
+            raise SlimtuneError(f"layer {prefix}{n} reads a different tensor across calibration batches; "
+                                "valid: true_sequential=False or a block with a fixed call graph")
+        if lead is None:
+            gptqs[n].add_batch(x.detach())
+            seen.append((x, n))
+        fired.add(n)
+        if stop_early and len(fired) == len(modules):
+            raise _StopForward
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(mod, inp, out, n)) for n, m in modules.items()]
     try:
         for args, kwargs in inputs:
-            block(*args, **kwargs)
+            seen.clear()
+            fired.clear()
+            try:
+                block(*args, **kwargs)
+            except _StopForward:
+                pass
     finally:
+        seen.clear()
         for h in handles:
             h.remove()
+    quantized: dict[str, QuantLinear] = {}
     for n, m in modules.items():
-        if gptqs[n].hessian is None:
+        gptq = gptqs[leader_of.get(n, n)]
+        if gptq.hessian is None:
             raise SlimtuneError(f"layer {prefix}{n} received no input during calibration")
-        result = gptqs[n].quantize(m.weight, spec, damp=damp, block_size=block_size, act_order=act_order)
+        result = gptq.quantize(m.weight, spec, damp=damp, block_size=block_size, act_order=act_order)
         if originals is not None:
             originals[prefix + n] = m.weight.detach().to("cpu", copy=True)
         new = QuantLinear.from_result(result, spec, m.bias, act_order=act_order,
                                       dtype=m.weight.dtype, scale_dtype=scale_dtype)
-        _set_module(block, n, new)
-        del gptqs[n].hessian
+        m.weight.data = new.dequantized_weight(m.weight.dtype).to(m.weight.device)
+        quantized[n] = new
+    return quantized
 
 
 # --------------------------------------------------------------------------- LoRC
