@@ -279,3 +279,39 @@ def test_lorc_rank_below_the_lora_rank_fills_the_first_components():
     assert torch.linalg.matrix_rank(layer.get_delta_weight("default")) == 4
     assert (_logits(model) - fp).pow(2).mean() < (_logits(plain) - fp).pow(2).mean()
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_run_exports_compressed_tensors_that_transformers_and_peft_load(tmp_path, text_file):
+    from peft import PeftModel
+
+    cfg = compose(*ptq_overrides(tmp_path, f"data.path={text_file}", "trainer.max_steps=2", "export.merged=false",
+                                 "callbacks.ptq_lorc_w3.method=rtn", "callbacks.ptq_lorc_w3.symmetric=true",
+                                 "export.compressed_tensors=true"))
+    job = prepare(cfg)
+    report = finish(fit(job))
+    folder = Path(report["compressed_tensors_dir"])
+    assert folder == Path(cfg.output_dir) / "compressed_tensors"
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == "compressed-tensors"
+    assert qconfig["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _logits(base)  # compressed-tensors decompresses on the first forward
+    served = PeftModel.from_pretrained(base, folder / "adapter")
+    torch.testing.assert_close(_logits(served), _logits(job.model), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.ptq_lorc_w3.group_size=48", "64 wide, not a multiple of group_size=48"),
+    ("callbacks.ptq_lorc_w3.method=nf4", "not valid with PostTrainingQuantization method=nf4"),
+    ("recipe=qlora_tiny", "needs a PostTrainingQuantization callback"),
+])
+def test_compressed_tensors_export_refuses_what_it_cannot_store_before_training(tmp_path, override, message):
+    extra = ["callbacks.ptq_lorc_w3.bits=4", "callbacks.ptq_lorc_w3.group_size=64"] if "nf4" in override else []
+    if override.startswith("recipe="):  # a run without post-training quantization
+        cfg = compose(override, f"output_dir={tmp_path / 'run'}", "export.compressed_tensors=true")
+    else:
+        cfg = compose(*ptq_overrides(tmp_path, "export.compressed_tensors=true", *extra, override))
+    with pytest.raises(SlimtuneError, match=message) as err:
+        prepare(cfg)
+    assert "\n" not in str(err.value)
+    assert not Path(cfg.output_dir).exists()

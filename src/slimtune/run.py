@@ -122,7 +122,12 @@ def prepare(cfg: DictConfig) -> Job:
     model = load_model(cfg.model)
     module = CausalLMModule(model, tokenizer, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
     datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
-    return Job(cfg, tokenizer, model, module, datamodule, build_callbacks(cfg), started=started)
+    callbacks = build_callbacks(cfg)
+    if (cfg.get("export") or {}).get("compressed_tensors", False):
+        from slimtune.callbacks.ptq import check_compressed_tensors_export
+
+        check_compressed_tensors_export(callbacks, model)  # refuse before training, not at export time
+    return Job(cfg, tokenizer, model, module, datamodule, callbacks, started=started)
 
 
 def fit(job: Job) -> Job:
@@ -140,7 +145,7 @@ def fit(job: Job) -> Job:
 def finish(job: Job) -> dict[str, Any]:
     """Export the adapter and the merged model, write and log the report."""
     from slimtune.callbacks import CompressionStats, PerplexityEvaluation, PostTrainingQuantization
-    from slimtune.callbacks.ptq import export_quantized
+    from slimtune.callbacks.ptq import export_compressed_tensors, export_quantized
     from slimtune.models import save_adapter, save_merged
     from slimtune.models.loading import dtype_of, quantization_of
 
@@ -173,6 +178,10 @@ def finish(job: Job) -> dict[str, Any]:
         quantized_dir = export_quantized(job.model, out / "quantized", job.tokenizer)
         if quantized_dir is not None:
             report["quantized_dir"] = str(quantized_dir)
+    if export.get("compressed_tensors", False):  # the same base in compressed-tensors format, for vLLM
+        ct_dir = export_compressed_tensors(job.model, out / "compressed_tensors", job.tokenizer)
+        if ct_dir is not None:
+            report["compressed_tensors_dir"] = str(ct_dir)
     if export.get("merged", True):
         report["merged_dir"] = str(save_merged(job.model, out / "merged", job.tokenizer, dtype=dtype_of(cfg.model)))
     report["seconds"] = time.perf_counter() - job.started

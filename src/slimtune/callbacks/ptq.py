@@ -354,6 +354,9 @@ class PostTrainingQuantization(SlimtuneCallback):
         method: `rtn`, `gptq` (needs calibration data) or `nf4` (bitsandbytes; bits=4, group_size = NF4 block size).
         bits: 2, 3, 4 or 8. group_size: input columns per scale (None: one per output row). symmetric: signed grid.
         act_order, damp: GPTQ's column order by Hessian diagonal and dampening (fraction of the mean diagonal).
+        true_sequential: GPTQ calibrates a block's sublayer groups one after another (q/k/v -> o -> gate/up -> down),
+            each on inputs computed with the groups before it already quantized (the reference's --true-sequential);
+            false calibrates all of a block's layers in one pass (faster: 2 passes per block instead of 5).
         targets: `all-linear` or name patterns of the layers to quantize; exclude: patterns left out (`lm_head`).
         calibration: null (the C4 sample), a path/folder/glob, or a data mapping (`path` or `dataset`,
             `dataset_config`, `split`, `text_field`, `max_examples`) as `load_raw` reads it.
@@ -372,6 +375,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         symmetric: bool = False,
         act_order: bool = False,
         damp: float = 0.01,
+        true_sequential: bool = True,
         targets: str | Sequence[str] = "all-linear",
         exclude: Sequence[str] = ("lm_head",),
         calibration: Any = None,
@@ -400,7 +404,8 @@ class PostTrainingQuantization(SlimtuneCallback):
                 raise SlimtuneError(
                     f"PostTrainingQuantization group_size={group_size!r} is not an NF4 block size; valid: {choices(NF4_BLOCKSIZES)} or null (64)"
                 )
-        for flag, value in (("symmetric", symmetric), ("act_order", act_order), ("double_quant", double_quant)):
+        for flag, value in (("symmetric", symmetric), ("act_order", act_order), ("double_quant", double_quant),
+                            ("true_sequential", true_sequential)):
             if not isinstance(value, bool):
                 raise SlimtuneError(f"PostTrainingQuantization {flag}={value!r} is not valid; valid: true, false")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or not 0 <= damp < 1:
@@ -441,6 +446,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         self.group_size = group_size
         self.symmetric = symmetric
         self.act_order = act_order
+        self.true_sequential = true_sequential
         self.damp = float(damp)
         self.targets = targets if isinstance(targets, str) else list(targets)
         self.exclude = exclude
@@ -466,7 +472,7 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     def settings(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "act_order": self.act_order, "damp": self.damp, "targets": self.targets, "exclude": self.exclude,
+                "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp, "targets": self.targets, "exclude": self.exclude,
                 "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
                 "lorc_rank": self.lorc_rank, "lorc_iters": self.lorc_iters, "double_quant": self.double_quant}
 
@@ -604,6 +610,7 @@ class PostTrainingQuantization(SlimtuneCallback):
                 batches = calibration_batches(self.calibration, tokenizer, self.n_samples, self.seq_len, self.seed)
                 originals = quantize_model_gptq(
                     base, batches, self.spec(), paths, exclude=(), damp=self.damp, act_order=self.act_order,
+                    true_sequential=self.true_sequential,
                     keep_original=keep, scale_dtype=SCALE_DTYPES[self.scale_dtype], progress=show)
             elif self.method == "rtn":
                 originals = quantize_model_rtn(base, self.spec(), paths, exclude=(), keep_original=keep,
@@ -744,6 +751,41 @@ def check_run_config(cfg) -> None:
             f"callbacks.{nodes[0][0]} (PostTrainingQuantization) needs a frozen base; model.finetune="
             f"{cfg.model.get('finetune')} is not valid with it; valid: model.finetune=lora"
         )
+
+
+def check_compressed_tensors_export(callbacks: list, model: nn.Module) -> None:
+    """Before training: export.compressed_tensors needs a GPTQ/RTN PostTrainingQuantization whose group size divides
+    every target layer's width (compressed-tensors has no ragged groups), and the compressed-tensors package."""
+    from slimtune.quant.compressed_tensors import _require_library
+
+    ptq = [cb for cb in callbacks if isinstance(cb, PostTrainingQuantization)]
+    if not ptq:
+        raise SlimtuneError("export.compressed_tensors=true needs a PostTrainingQuantization callback (e.g. "
+                            "callbacks=[ptq_gptq_w4]); valid: export.compressed_tensors=false without one")
+    _require_library()
+    for cb in ptq:
+        if cb.method == "nf4":
+            raise SlimtuneError("export.compressed_tensors=true is not valid with PostTrainingQuantization method=nf4 "
+                                "(bitsandbytes layers); valid: method=gptq or rtn, or export.compressed_tensors=false")
+        if cb.group_size is None:
+            continue
+        for t in linear_targets(base_model_of(model), cb.targets, cb.exclude):
+            width = base_model_of(model).get_submodule(t.path).in_features
+            if width % cb.group_size:
+                raise SlimtuneError(
+                    f"export.compressed_tensors=true: layer {t.name} is {width} wide, not a multiple of "
+                    f"group_size={cb.group_size} (compressed-tensors has no ragged groups); valid: a group size "
+                    "dividing every target width, or export.compressed_tensors=false"
+                )
+
+
+def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None) -> Path | None:
+    """Write a model with QuantLinear layers in compressed-tensors format (vLLM); None when it has none."""
+    from slimtune.quant.compressed_tensors import save_compressed_tensors
+
+    if not has_quant_layers(model):
+        return None
+    return save_compressed_tensors(model, directory, tokenizer, overwrite=True)
 
 
 def ptq_first(callbacks: list) -> list:

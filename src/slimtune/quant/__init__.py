@@ -1,5 +1,6 @@
 """Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ and NF4 fake quantization."""
 
+from slimtune.quant.compressed_tensors import save_compressed_tensors
 from slimtune.quant.export import load_quantized, save_quantized, stored_bits_per_parameter
 from slimtune.quant.gptq import GPTQ, GPTQResult, gptq_quantize_linear
 from slimtune.quant.grid import (
@@ -38,6 +39,7 @@ __all__ = [
     "quantize_model_nf4",
     "quantize_model_rtn",
     "register_quant_lora",
+    "save_compressed_tensors",
     "save_quantized",
     "stored_bits_per_parameter",
     "GPTQResult",

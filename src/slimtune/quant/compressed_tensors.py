@@ -1,0 +1,225 @@
+"""Export QuantLinear models in the compressed-tensors ``pack-quantized`` format that vLLM serves.
+
+:func:`save_compressed_tensors` writes a Hugging Face model folder::
+
+    <directory>/
+        config.json          the model config with a compressed-tensors "quantization_config"
+        model.safetensors    float tensors under their usual names; each quantized layer N as
+                             N.weight_packed (int32), N.weight_scale, N.weight_shape (int64 [2]),
+                             N.weight_zero_point (packed int32, asymmetric grids only),
+                             N.weight_g_idx (int32, only for a layer whose groups are not c // group_size)
+        adapter/             a peft.PeftModel's adapter (e.g. LoRC factors), via PeftModel.save_pretrained
+        tokenizer files      when a tokenizer is given
+
+The codes are written as they are -- packed with compressed-tensors' own ``pack_to_int32`` after the shift from
+slimtune's unsigned codes ``q in [0, 2^b - 1]`` (weight ``s * (q - z)``) to compressed-tensors' signed ones
+``q - 2^(b-1)`` (weight ``s * (q' - z')``, ``z' = z - 2^(b-1)``, 0 for symmetric grids) -- so nothing is
+re-quantized and the loaded weights equal slimtune's to the bit (scales keep their float16 values).
+transformers (``AutoModelForCausalLM.from_pretrained``) and vLLM read this folder; vLLM's kernels serve 4- and
+8-bit weights, 2/3-bit folders load in transformers/compressed-tensors only.
+
+The quantization config and the packing come from the compressed-tensors library rather than being written by
+hand, so the files follow the library version installed (``pip install compressed-tensors``).
+
+Not representable, and refused with a one-line error: a ragged last group (compressed-tensors derives the group
+count as ``in_features // group_size``; use :func:`slimtune.quant.save_quantized` for such models), and
+bitsandbytes layers. A LoRA adapter on the quantized base (the LoRC -> fine-tune path) cannot be folded into the
+integer codes without re-quantizing, so it is saved next to the base, as vLLM loads LoRA adapters on quantized
+bases.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.quant.grid import QuantSpec
+from slimtune.quant.layers import QuantLinear
+
+__all__ = ["compressed_tensors_config", "save_compressed_tensors"]
+
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_DIRNAME = "adapter"
+
+
+def _require_library():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise SlimtuneError(
+            "format=compressed-tensors needs the compressed-tensors package, which is not installed; "
+            "valid: pip install compressed-tensors"
+        ) from None
+
+
+def _args_for(layer: QuantLinear, name: str):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    spec: QuantSpec = layer.spec
+    group = spec.group_size
+    if group is not None and layer.in_features % group:
+        raise SlimtuneError(
+            f"layer {name} has {layer.in_features} input columns, not a multiple of group_size={group} "
+            f"(a ragged last group), which compressed-tensors cannot store; valid: a group size dividing every "
+            "quantized layer's width, per-channel, or slimtune.quant.save_quantized"
+        )
+    ordered = layer.g_idx is not None and not torch.equal(
+        layer.g_idx.long().cpu(), torch.arange(layer.in_features) // (group or layer.in_features)
+    )
+    if ordered:
+        actorder = "group"
+    elif layer.act_order:
+        actorder = "weight"  # act-order calibration with groups kept in column order: format unchanged
+    else:
+        actorder = None
+    return QuantizationArgs(
+        num_bits=spec.bits,
+        type="int",
+        symmetric=spec.symmetric,
+        strategy="group" if group is not None else "channel",
+        group_size=group,
+        actorder=actorder,
+    ), ordered
+
+
+def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
+    """The ``quantization_config`` (a dict, as in config.json) describing the model's QuantLinear layers."""
+    _require_library()
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    from slimtune.quant.export import _clean_name, _unwrap
+
+    base, _ = _unwrap(model)
+    layers = {_clean_name(n): m for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise SlimtuneError(f"model {type(base).__name__} has no QuantLinear layers; valid: a model quantized by slimtune")
+    by_args: dict[str, tuple[Any, list[str]]] = {}
+    for name, layer in layers.items():
+        args, _ = _args_for(layer, name)
+        key = args.model_dump_json()
+        by_args.setdefault(key, (args, []))[1].append(name)
+    other_linear = sorted(
+        _clean_name(n) for n, m in base.named_modules()
+        if isinstance(m, nn.Linear) and _clean_name(n) not in layers and ".lora_" not in n
+    )
+    if len(by_args) == 1:
+        args, _ = next(iter(by_args.values()))
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+    else:  # mixed grids: one group per grid, listing its layers by name
+        groups = {
+            f"group_{i}": QuantizationScheme(targets=[f"re:^{n.replace('.', '[.]')}$" for n in names], weights=args)
+            for i, (args, names) in enumerate(by_args.values())
+        }
+    config = QuantizationConfig(
+        config_groups=groups,
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=other_linear,
+    )
+    return config.model_dump(exclude_none=True)
+
+
+def _compressed_tensors_of(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    bits = layer.spec.bits
+    offset = 1 << (bits - 1)
+    codes = layer.codes().to(torch.int16) - offset  # [out, in], signed
+    out = {
+        f"{name}.weight_packed": pack_to_int32(codes.to(torch.int8), bits),
+        f"{name}.weight_scale": layer.scales.detach().clone(),
+        f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+    }
+    if not layer.spec.symmetric:
+        zeros = layer.zeros().round().to(torch.int16) - offset  # [out, n_groups]
+        out[f"{name}.weight_zero_point"] = pack_to_int32(zeros.to(torch.int8), bits, packed_dim=0)
+    elif not torch.all(layer.zeros() == offset):
+        raise SlimtuneError(f"layer {name} is symmetric but its zero points are not {offset}; valid: a QuantSpec grid")
+    _, ordered = _args_for(layer, name)
+    if ordered:
+        out[f"{name}.weight_g_idx"] = layer.g_idx.to(torch.int32).clone()
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().clone()
+    return out
+
+
+def save_compressed_tensors(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    save_adapter: bool = True,
+) -> Path:
+    """Write ``model`` (plain or ``peft.PeftModel`` with QuantLinear layers) in compressed-tensors format.
+
+    The folder is written atomically (a temporary sibling renamed into place). See the module docstring.
+
+    Raises:
+        SlimtuneError: the directory exists and ``overwrite`` is False; compressed-tensors is not installed; the
+            model has no QuantLinear layers, a ragged group, or bitsandbytes layers.
+    """
+    from safetensors.torch import save_file
+
+    from slimtune.quant.export import (
+        _clean_name,
+        _dedupe_shared,
+        _plain_state_dict,
+        _unwrap,
+    )
+
+    _require_library()
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise SlimtuneError(f"directory {str(target)!r} already exists; valid: a new path, or overwrite=True")
+    base, peft_model = _unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise SlimtuneError(f"model {type(base).__name__} has no transformers config; valid: a PreTrainedModel")
+    for name, m in base.named_modules():
+        if type(m).__module__.startswith("bitsandbytes"):
+            raise SlimtuneError(f"layer {_clean_name(name)} is {type(m).__name__}; valid: QuantLinear or float layers")
+    quant_config = compressed_tensors_config(base)
+
+    layers = {_clean_name(n): m for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    state = {k: v for k, v in _plain_state_dict(base).items()
+             if not any(k.startswith(n + ".") for n in layers)}
+    tensors, tied = _dedupe_shared(state)
+    for name, layer in layers.items():
+        tensors.update({k: v.to("cpu").contiguous() for k, v in _compressed_tensors_of(name, layer).items()})
+
+    config = copy.deepcopy(config)
+    config.architectures = [type(base).__name__]
+    config.quantization_config = quant_config
+    if tied and not getattr(config, "tie_word_embeddings", False):
+        # Only the tied embedding/lm_head pair is rebuilt by transformers on load.
+        raise SlimtuneError(f"tensors {sorted(tied)} share memory with others; valid: untied weights or tied embeddings")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if peft_model is not None and save_adapter:
+            peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, backup / "d")
+            os.rename(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
