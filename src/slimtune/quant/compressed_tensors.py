@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +172,7 @@ def save_compressed_tensors(
         _dedupe_shared,
         _plain_state_dict,
         _unwrap,
+        write_atomically,
     )
 
     _require_library()
@@ -203,23 +202,13 @@ def save_compressed_tensors(
         # Only the tied embedding/lm_head pair is rebuilt by transformers on load.
         raise SlimtuneError(f"tensors {sorted(tied)} share memory with others; valid: untied weights or tied embeddings")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if peft_model is not None and save_adapter:
             peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, backup / "d")
-            os.rename(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(target, write)
     return target

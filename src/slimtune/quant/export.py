@@ -200,6 +200,25 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return out, tied
 
 
+def write_atomically(target: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary sibling folder, then rename it to ``target`` (replacing it); on any error
+    the temporary folder is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, backup / "d")
+            os.rename(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_quantized(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -243,9 +262,7 @@ def save_quantized(
     config = copy.deepcopy(config)
     config.architectures = [type(base).__name__]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "slimtune": FORMAT_NAME})
         config.save_pretrained(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -253,16 +270,8 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
         if peft_model is not None and save_adapter:
             peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, backup / "d")
-            os.rename(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(target, write)
     return target
 
 
