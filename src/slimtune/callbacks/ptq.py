@@ -33,7 +33,6 @@ merged model.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
+from slimtune.data.calibration import calibration_batches, calibration_source
 from slimtune.errors import SlimtuneError, choices
 from slimtune.quant.model import is_linear_like, select_names
 
@@ -54,11 +54,6 @@ NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATE_VERSION = 1
 MOMENTS = ("before_quant", "after_quant", "after_lorc")
-
-
-def default_calibration_path() -> str:
-    """The C4 validation sample in the shared data folder ($SLIMTUNE_DATA, else ../shared/data)."""
-    return str(Path(os.environ.get("SLIMTUNE_DATA", "../shared/data")) / "c4" / "c4-validation-sample.jsonl")
 
 
 def _warn(message: str) -> None:
@@ -82,82 +77,6 @@ def _progress_bar(iterable, desc: str, enabled: bool):
     except ImportError:  # pragma: no cover
         return iterable
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False)
-
-
-# --------------------------------------------------------------------------- calibration data
-
-
-def _calibration_cfg(source: Any) -> dict[str, Any]:
-    if source is None:
-        return {"path": default_calibration_path()}
-    if isinstance(source, (str, Path)):
-        return {"path": str(source)}
-    if isinstance(source, Mapping):
-        cfg = dict(source)
-        if not cfg.get("path") and not cfg.get("dataset"):
-            raise SlimtuneError(f"calibration={cfg!r} names no data; valid: a path, or a mapping with 'path' or 'dataset'")
-        return cfg
-    raise SlimtuneError(f"calibration={source!r} is not valid; valid: null (C4 sample), a path, or a mapping with 'path' or 'dataset'")
-
-
-def _describe_source(cfg: Mapping[str, Any]) -> str:
-    return repr(str(cfg.get("dataset") or cfg.get("path")))
-
-
-def _texts(raw, cfg: Mapping[str, Any]) -> list[str]:
-    columns = set(raw.column_names)
-    field = str(cfg.get("text_field", "text"))
-    if field in columns:
-        return [str(t) for t in raw[field] if t]
-    if "messages" in columns:
-        return ["\n".join(str(m.get("content", "")) for m in msgs or []) for msgs in raw["messages"]]
-    if {"prompt", "response"} <= columns:
-        return [f"{p}\n{r}" for p, r in zip(raw["prompt"], raw["response"])]
-    raise SlimtuneError(
-        f"calibration set {_describe_source(cfg)} has columns {sorted(columns)}; valid: a {field!r} column "
-        "(set text_field), 'messages', or 'prompt'+'response'"
-    )
-
-
-def calibration_batches(source: Any, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """`n_samples` windows of `seq_len` tokens (each a LongTensor [1, seq_len]), drawn at random (seeded) from `source`.
-
-    Documents are read with `slimtune.data.datasets.load_raw`, shuffled (seeded), tokenized and joined with EOS into
-    one stream until it holds twice the tokens asked (or the set ends); the windows are `n_samples` distinct
-    non-overlapping slots of that stream, chosen at random, after a random shift.
-
-    Raises:
-        SlimtuneError: the source holds fewer than `n_samples` windows of `seq_len` tokens (or cannot be read).
-    """
-    from slimtune.data.datasets import load_raw
-
-    cfg = _calibration_cfg(source)
-    try:
-        raw = load_raw(cfg)
-    except SlimtuneError as err:
-        raise SlimtuneError(f"calibration set {_describe_source(cfg)} could not be read: {err}") from err
-    texts = _texts(raw, cfg)
-    generator = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(texts), generator=generator).tolist()
-    wanted = 2 * n_samples * seq_len
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for i in order:
-        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(int(eos))
-        if len(stream) >= wanted:
-            break
-    slots = len(stream) // seq_len
-    if slots < n_samples:
-        raise SlimtuneError(
-            f"calibration set {_describe_source(cfg)} has {slots} samples of {seq_len} tokens, fewer than the "
-            f"n_samples={n_samples} asked; valid: n_samples <= {slots}, a smaller seq_len, or more text"
-        )
-    shift = int(torch.randint(0, len(stream) - slots * seq_len + 1, (1,), generator=generator))
-    picks = sorted(torch.randperm(slots, generator=generator)[:n_samples].tolist())
-    ids = torch.tensor(stream, dtype=torch.long)
-    return [ids[shift + s * seq_len: shift + (s + 1) * seq_len].unsqueeze(0).clone() for s in picks]
 
 
 # --------------------------------------------------------------------------- targets inside PEFT models
@@ -427,7 +346,7 @@ class PostTrainingQuantization(SlimtuneCallback):
             raise SlimtuneError(f"PostTrainingQuantization lorc_rank={lorc_rank!r} is not valid; valid: null or 0 (no LoRC), or a positive int")
         if scale_dtype not in SCALE_DTYPES:
             raise SlimtuneError(f"PostTrainingQuantization scale_dtype={scale_dtype!r} is not valid; valid: {choices(SCALE_DTYPES)}")
-        calibration_cfg = _calibration_cfg(calibration)
+        calibration_cfg = calibration_source(calibration)
         if method == "gptq" and calibration_cfg.get("path") and not calibration_cfg.get("dataset"):
             from slimtune.data.datasets import resolve_files
 
@@ -564,7 +483,11 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     def quantize(self, model: nn.Module, trainer=None, pl_module=None) -> dict[str, Any]:
         """Calibrate (GPTQ), quantize the targets of `model`, LoRC-initialise its LoRA layers; returns the state."""
-        from slimtune.quant import quantize_model_gptq, quantize_model_nf4, quantize_model_rtn
+        from slimtune.quant import (
+            quantize_model_gptq,
+            quantize_model_nf4,
+            quantize_model_rtn,
+        )
 
         started = time.perf_counter()
         pl_module = pl_module if pl_module is not None else model
