@@ -3,7 +3,8 @@
     python benchmarks/ptq/slimtune_worker.py --data /tmp/slimtune_ptq/data.pt --method gptq --bits 3 --group 64 \
         --out /tmp/slimtune_ptq/run.json [--export-dir DIR]
 
-Methods: fp (no quantization), gptq (quantize_model_gptq, damp 0.01, block 128, act_order False, lm_head kept),
+Methods: fp (no quantization), gptq (quantize_model_gptq, damp 0.01, block 128, act_order off unless --act-order,
+lm_head kept),
 rtn (quantize_model_rtn). Writes a JSON with load / quantization / evaluation seconds, perplexity and stored bits.
 """
 
@@ -34,12 +35,13 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--method", choices=("fp", "gptq", "rtn"), required=True)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group", type=int, default=64)
+    parser.add_argument("--group", type=int, default=64, help="group size; 0 = per output channel")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     parser.add_argument("--damp", type=float, default=0.01)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--calib-batch", type=int, default=8)
-    parser.add_argument("--no-true-sequential", action="store_true")
+    parser.add_argument("--true-sequential", action="store_true", help="calibrate q/k/v -> o -> gate/up -> down in turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export-dir", default=None, help="keep the save_quantized export here")
     parser.add_argument("--out", required=True)
@@ -59,21 +61,21 @@ def main() -> None:
     result["weight_checksum"] = weight_checksum(model)
 
     if args.method != "fp":
-        spec = QuantSpec(bits=args.bits, group_size=args.group, symmetric=not args.asym)
+        spec = QuantSpec(bits=args.bits, group_size=args.group or None, symmetric=not args.asym)
         result.update(bits=args.bits, group_size=args.group, symmetric=spec.symmetric)
         calib = list(data["calib"].split(args.calib_batch))
         cpu0 = time.process_time()
         with Timer() as t_quant:
             if args.method == "gptq":
-                quantize_model_gptq(model, calib, spec, damp=args.damp, block_size=args.block_size, act_order=False,
-                                    true_sequential=not args.no_true_sequential, progress=False)
+                quantize_model_gptq(model, calib, spec, damp=args.damp, block_size=args.block_size, act_order=args.act_order,
+                                    true_sequential=args.true_sequential, progress=False)
             else:
                 quantize_model_rtn(model, spec)
         result["quant_s"] = t_quant.seconds
         result["quant_cpu_s"] = time.process_time() - cpu0  # all threads of this process
         if args.method == "gptq":
-            result.update(damp=args.damp, block_size=args.block_size, act_order=False,
-                          true_sequential=not args.no_true_sequential,
+            result.update(damp=args.damp, block_size=args.block_size, act_order=args.act_order,
+                          true_sequential=args.true_sequential,
                           calibration=f"{data['calib'].shape[0]} x {data['calib'].shape[1]}, batches of {args.calib_batch}")
         q_bits, all_bits = stored_bits_per_parameter(model)
         result["stored_bits_per_param_quantized_layers"] = q_bits

@@ -124,10 +124,11 @@ def test_rtn_replaces_layers_and_keeps_originals(fp_model):
 # --------------------------------------------------------------------------- GPTQ
 
 
-def gptq_whole_model(model, batches, spec, **kw):
+def gptq_whole_model(model, batches, spec, true_sequential, **kw):
     """Reference: same algorithm, full-model forwards instead of cached block inputs."""
+    groups = GROUPS if true_sequential else [[n for g in GROUPS for n in g]]
     for block in model.model.layers:
-        for group in GROUPS:
+        for group in groups:
             gptqs = {n: GPTQ(block.get_submodule(n).in_features) for n in group}
             hooks = [
                 block.get_submodule(n).register_forward_hook(
@@ -147,14 +148,14 @@ def gptq_whole_model(model, batches, spec, **kw):
                 setattr(block.get_submodule(parent_name), child, QuantLinear.from_result(result, spec, lin.bias))
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_sequential_gptq_equals_whole_model_calibration(fp_model, calib, act_order):
+@pytest.mark.parametrize("act_order, true_sequential", [(False, False), (True, False), (False, True), (True, True)])
+def test_sequential_gptq_equals_whole_model_calibration(fp_model, calib, act_order, true_sequential):
     spec = QuantSpec(3, 32)
     kw = dict(damp=0.01, block_size=32, act_order=act_order)
     sequential = copy.deepcopy(fp_model)
-    quantize_model_gptq(sequential, calib, spec, progress=False, **kw)
+    quantize_model_gptq(sequential, calib, spec, progress=False, true_sequential=true_sequential, **kw)
     reference = copy.deepcopy(fp_model)
-    gptq_whole_model(reference, calib, spec, **kw)
+    gptq_whole_model(reference, calib, spec, true_sequential, **kw)
 
     seq_layers = {n: m for n, m in sequential.named_modules() if isinstance(m, QuantLinear)}
     ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantLinear)}

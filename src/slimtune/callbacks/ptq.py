@@ -294,7 +294,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         symmetric: bool = False,
         act_order: bool = False,
         damp: float = 0.01,
-        true_sequential: bool = True,
+        true_sequential: bool = False,
         targets: str | Sequence[str] = "all-linear",
         exclude: Sequence[str] = ("lm_head",),
         calibration: Any = None,
