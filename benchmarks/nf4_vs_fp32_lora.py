@@ -8,6 +8,12 @@ layers, AdamW lr 2e-4, grad clip 0.3, on WikiText-2 validation text packed into 
 held out), batch 2, seed 42. After the last step Lightning validates on the first `--val-batches` x 2 held-out blocks
 (`val/loss`, mean next-token NLL); the same blocks are also scored before training (`eval_ppl_before`). Goal: the
 final val losses within 1% of each other.
+
+A third variant, `nf4_lorc`, starts from the float base, quantizes it to the same NF4 (block 64, double quant) with
+slimtune's PostTrainingQuantization at fit start and initialises the LoRA factors (r=8) to the rank-8 SVD of each
+layer's NF4 error (LoRC / one LoftQ step), so training starts at Q + BA ~= W instead of Q.
+
+    python benchmarks/nf4_vs_fp32_lora.py --variants nf4_lorc   # one variant; the others keep their stored result
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ import _common as C
 
 C.offline()
 
-VARIANTS = {"nf4": "nf4", "fp32": "none"}
+VARIANTS = {"nf4": "nf4", "fp32": "none", "nf4_lorc": "none"}
+# nf4_lorc: the float base quantized to the same NF4 (block 64, double quant) by slimtune's PostTrainingQuantization at
+# fit start, with the LoRA factors initialised to the rank-8 SVD of each layer's NF4 error (LoRC; LoftQ with one step).
+NF4_LORC = ["callbacks=[ptq_lorc_w3,perplexity]", "callbacks.ptq_lorc_w3.method=nf4", "callbacks.ptq_lorc_w3.bits=4",
+            "callbacks.ptq_lorc_w3.group_size=64", "callbacks.ptq_lorc_w3.lorc_rank=8",
+            "callbacks.ptq_lorc_w3.progress=false"]
 
 
-def overrides(args, quantization: str, out: str) -> list[str]:
+def overrides(args, variant: str, out: str) -> list[str]:
     return [
-        f"model.quantization={quantization}",
+        f"model.quantization={VARIANTS[variant]}",
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.steps}",  # validate once, after the last step
         f"trainer.limit_val_batches={args.val_batches}",
@@ -42,7 +53,7 @@ def overrides(args, quantization: str, out: str) -> list[str]:
         "logger=none",
         "trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
-        "callbacks=[perplexity]",  # the same held-out blocks scored before training
+        *(NF4_LORC if variant == "nf4_lorc" else ["callbacks=[perplexity]"]),  # held-out blocks scored before training
         f"callbacks.perplexity.max_windows={args.val_batches * args.batch_size}",
         "+callbacks.perplexity.at=[fit_start]",
         "+callbacks.perplexity.progress=false",
@@ -57,7 +68,7 @@ def child(args) -> dict:
     from slimtune.run import run
 
     out = tempfile.mkdtemp(prefix=f"nf4_vs_fp32_{args.child}_")
-    ov = overrides(args, VARIANTS[args.child], out)
+    ov = overrides(args, args.child, out)
     started = time.perf_counter()
     report = run(compose_config(ov))
     return {
@@ -65,6 +76,8 @@ def child(args) -> dict:
         "overrides": ov,
         "val_loss": report["val_loss"],
         "val_loss_before": math.log(report["eval_ppl_before"]) if report.get("eval_ppl_before") else None,
+        "val_loss_fp_base": math.log(report["eval_ppl_before_quant"]) if report.get("eval_ppl_before_quant") else None,
+        "val_loss_nf4_base": math.log(report["eval_ppl_after_quant"]) if report.get("eval_ppl_after_quant") else None,
         "train_loss_last": report["train_loss"],
         "steps": report["steps"],
         "train_tokens_per_s": report["train_tokens_per_s"],
@@ -83,6 +96,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data", default=C.DEFAULT_DATA)
     p.add_argument("--out", default=str(C.RESULTS / "nf4_vs_fp32_lora.json"))
+    p.add_argument("--variants", default="nf4,fp32,nf4_lorc",
+                   help="comma-separated; variants not run keep their result from --out (same settings)")
     args = p.parse_args()
     if args.child:
         C.emit(child(args))
@@ -91,8 +106,9 @@ def main() -> None:
         raise SystemExit(f"data file {args.data!r} does not exist (set SLIMTUNE_DATA or --data)")
     log_dir = C.RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for variant in VARIANTS:
+    previous = json.loads(Path(args.out).read_text()).get("runs", {}) if Path(args.out).is_file() else {}
+    runs = dict(previous)
+    for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--block-size",
                str(args.block_size), "--batch-size", str(args.batch_size), "--val-batches", str(args.val_batches),
                "--seed", str(args.seed), "--data", args.data]
@@ -116,6 +132,8 @@ def main() -> None:
                      "val_blocks": args.val_batches * args.batch_size, "data": args.data},
         "runs": runs,
         "val_loss_nf4": nf4,
+        "val_loss_nf4_lorc": runs.get("nf4_lorc", {}).get("val_loss"),
+        "relative_difference_nf4_lorc": ((runs["nf4_lorc"]["val_loss"] - fp32) / fp32) if "nf4_lorc" in runs else None,
         "val_loss_fp32": fp32,
         "relative_difference": rel,
         "val_ppl_nf4": math.exp(nf4),
@@ -124,11 +142,13 @@ def main() -> None:
         / runs["fp32"]["val_loss_before"],
         "goal": "|relative_difference| <= 0.01",
         "meets_goal": abs(rel) <= 0.01,
+        "meets_goal_nf4_lorc": (abs(runs["nf4_lorc"]["val_loss"] - fp32) / fp32 <= 0.01) if "nf4_lorc" in runs else None,
         "env": C.environment(),
     }
     path = C.write_json(Path(args.out), result)
     print(json.dumps({k: result[k] for k in ("val_loss_nf4", "val_loss_fp32", "relative_difference",
-                                             "relative_difference_before_training", "meets_goal")}, indent=2))
+                                             "relative_difference_before_training", "meets_goal", "val_loss_nf4_lorc",
+                                             "relative_difference_nf4_lorc", "meets_goal_nf4_lorc")}, indent=2))
     print(f"wrote {path}")
 
 

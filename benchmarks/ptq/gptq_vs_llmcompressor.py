@@ -8,7 +8,9 @@ windows of `--calib-len` tokens drawn as the GPTQ paper draws them (seeded); eva
 with "\\n\\n" (GPTQ protocol), the first `--windows` non-overlapping windows of 2048 tokens. Every configuration
 runs in its own subprocess (slimtune: this python; llm-compressor: the venv's python), slimtune and llm-compressor
 alternating. GPTQ settings on both sides: symmetric int grid, group size 64, damping 0.01 of the mean Hessian
-diagonal, block size 128, no act-order, lm_head not quantized, calibration batches of 8 sequences.
+diagonal, block size 128, no act-order, lm_head not quantized, calibration batches of 8 sequences, all of a decoder
+layer's linears calibrated in one pass (both sides' default). Then slimtune alone: group 128 (ragged), RTN, per-channel
+3-bit (the GPTQ paper's RTN comparison), act-order, true-sequential.
 Writes benchmarks/ptq/results/gptq_vs_llmcompressor.json.
 """
 
@@ -121,6 +123,13 @@ def main() -> None:
          ("llmc_gptq_w4g64", lc + ["--bits", "4", "--group", "64"])],
         [("slimtune_gptq_w4g128", st + ["--method", "gptq", "--bits", "4", "--group", "128"]),
          ("slimtune_rtn_w4g64", st + ["--method", "rtn", "--bits", "4", "--group", "64"])],
+        # The GPTQ paper's RTN comparison is per output channel (no groups); act-order is its 3-bit setting.
+        [("slimtune_rtn_w3pc", st + ["--method", "rtn", "--bits", "3", "--group", "0"]),
+         ("slimtune_gptq_w3pc", st + ["--method", "gptq", "--bits", "3", "--group", "0"]),
+         ("slimtune_gptq_w3pc_actorder", st + ["--method", "gptq", "--bits", "3", "--group", "0", "--act-order"])],
+        [("slimtune_gptq_w3g64_actorder", st + ["--method", "gptq", "--bits", "3", "--group", "64", "--act-order"]),
+         ("slimtune_gptq_w3g64_truesequential", st + ["--method", "gptq", "--bits", "3", "--group", "64",
+                                                      "--true-sequential"])],
     ]
     only = set(args.only.split(",")) if args.only else None
     out_path = Path(args.out)
@@ -160,6 +169,13 @@ def write(out_path: Path, data: dict, runs: dict, args, final: bool = False, not
         ratio = (ppl("slimtune_gptq_w3g64") - fp) / (ppl("slimtune_rtn_w3g64") - fp)
         summary["w3g64_gptq_over_rtn_ppl_increase_ratio"] = ratio
         summary["w3g64_gptq_over_rtn_goal_le_0.35_met"] = ratio <= 0.35
+    for tag in ("slimtune_gptq_w3pc", "slimtune_gptq_w3pc_actorder"):
+        if fp and ppl(tag) and ppl("slimtune_rtn_w3pc"):
+            ratio = (ppl(tag) - fp) / (ppl("slimtune_rtn_w3pc") - fp)
+            summary[f"w3pc_{tag.removeprefix('slimtune_gptq_w3pc').strip('_') or 'plain'}_gptq_over_rtn_ratio"] = ratio
+    if fp and ppl("slimtune_gptq_w3g64_actorder") and ppl("slimtune_rtn_w3g64"):
+        summary["w3g64_actorder_gptq_over_rtn_ratio"] = (
+            (ppl("slimtune_gptq_w3g64_actorder") - fp) / (ppl("slimtune_rtn_w3g64") - fp))
     if fp and ppl("llmc_gptq_w3g64") and ppl("slimtune_rtn_w3g64"):
         summary["w3g64_llmc_gptq_over_slimtune_rtn_ppl_increase_ratio"] = (
             (ppl("llmc_gptq_w3g64") - fp) / (ppl("slimtune_rtn_w3g64") - fp))
