@@ -109,6 +109,14 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(SlimtuneError, match=r"not a multiple of group_size=48.*valid:"):
         save_compressed_tensors(model, tmp_path / "ragged")
     assert list(tmp_path.iterdir()) == []
+    permuted = tiny()
+    quantize_model_rtn(permuted, QuantSpec(bits=4, group_size=32, symmetric=True))
+    layer = permuted.model.layers[0].mlp.down_proj
+    g_idx = torch.randperm(layer.in_features, generator=torch.Generator().manual_seed(0)) % layer.n_groups
+    layer.set_codes(layer.codes(), layer.scales.float(), layer.zeros(), g_idx=g_idx)
+    with pytest.raises(SlimtuneError, match=r"g_idx.*valid:"):
+        save_compressed_tensors(permuted, tmp_path / "permuted")
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(SlimtuneError, match="no QuantLinear layers"):
         save_compressed_tensors(tiny(), tmp_path / "float")
     good = tiny()

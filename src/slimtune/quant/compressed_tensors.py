@@ -6,8 +6,7 @@
         config.json          the model config with a compressed-tensors "quantization_config"
         model.safetensors    float tensors under their usual names; each quantized layer N as
                              N.weight_packed (int32), N.weight_scale, N.weight_shape (int64 [2]),
-                             N.weight_zero_point (packed int32, asymmetric grids only),
-                             N.weight_g_idx (int32, only for a layer whose groups are not c // group_size)
+                             N.weight_zero_point (packed int32, asymmetric grids only)
         adapter/             a peft.PeftModel's adapter (e.g. LoRC factors), via PeftModel.save_pretrained
         tokenizer files      when a tokenizer is given
 
@@ -22,8 +21,9 @@ The quantization config and the packing come from the compressed-tensors library
 hand, so the files follow the library version installed (``pip install compressed-tensors``).
 
 Not representable, and refused with a one-line error: a ragged last group (compressed-tensors derives the group
-count as ``in_features // group_size``; use :func:`slimtune.quant.save_quantized` for such models), and
-bitsandbytes layers. A LoRA adapter on the quantized base (the LoRC -> fine-tune path) cannot be folded into the
+count as ``in_features // group_size``; use :func:`slimtune.quant.save_quantized` for such models), a column-to-group
+map other than ``column // group_size`` (compressed-tensors 0.20 dropped ``actorder="group"``; slimtune's GPTQ
+act-order keeps groups in column order and is stored as ``actorder="weight"``), and bitsandbytes layers. A LoRA adapter on the quantized base (the LoRC -> fine-tune path) cannot be folded into the
 integer codes without re-quantizing, so it is saved next to the base, as vLLM loads LoRA adapters on quantized
 bases.
 """
@@ -53,7 +53,7 @@ def _require_library():
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise SlimtuneError(
-            "format=compressed-tensors needs the compressed-tensors package, which is not installed; "
+            "the compressed-tensors export needs the compressed-tensors package, which is not installed; "
             "valid: pip install compressed-tensors"
         ) from None
 
@@ -72,9 +72,13 @@ def _args_for(layer: QuantLinear, name: str):
     ordered = layer.g_idx is not None and not torch.equal(
         layer.g_idx.long().cpu(), torch.arange(layer.in_features) // (group or layer.in_features)
     )
-    if ordered:
-        actorder = "group"
-    elif layer.act_order:
+    if ordered:  # compressed-tensors 0.20 removed actorder="group" (a stored g_idx)
+        raise SlimtuneError(
+            f"layer {name} has a column-to-group map (g_idx) other than column // group_size, which compressed-tensors "
+            "no longer stores; valid: groups in column order (slimtune's GPTQ act-order keeps them so), or "
+            "slimtune.quant.save_quantized"
+        )
+    if layer.act_order:
         actorder = "weight"  # act-order calibration with groups kept in column order: format unchanged
     else:
         actorder = None
@@ -85,7 +89,7 @@ def _args_for(layer: QuantLinear, name: str):
         strategy="group" if group is not None else "channel",
         group_size=group,
         actorder=actorder,
-    ), ordered
+    )
 
 
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
         raise SlimtuneError(f"model {type(base).__name__} has no QuantLinear layers; valid: a model quantized by slimtune")
     by_args: dict[str, tuple[Any, list[str]]] = {}
     for name, layer in layers.items():
-        args, _ = _args_for(layer, name)
+        args = _args_for(layer, name)
         key = args.model_dump_json()
         by_args.setdefault(key, (args, []))[1].append(name)
     other_linear = sorted(
@@ -141,9 +145,7 @@ def _compressed_tensors_of(name: str, layer: QuantLinear) -> dict[str, torch.Ten
         out[f"{name}.weight_zero_point"] = pack_to_int32(zeros.to(torch.int8), bits, packed_dim=0)
     elif not torch.all(layer.zeros() == offset):
         raise SlimtuneError(f"layer {name} is symmetric but its zero points are not {offset}; valid: a QuantSpec grid")
-    _, ordered = _args_for(layer, name)
-    if ordered:
-        out[f"{name}.weight_g_idx"] = layer.g_idx.to(torch.int32).clone()
+    _args_for(layer, name)  # refuses what the format cannot hold
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().clone()
     return out

@@ -23,7 +23,7 @@ sequential, block-by-block calibration:
    and each group is calibrated on inputs computed with the groups before it
    already quantized (one pass per group, cut once the group's layers have
    read their input). On SmolLM2-135M at 3-bit g64 the one-pass default gave
-   the lower perplexity (85.9 vs 92.1, benchmarks/ptq) in half the time.
+   the lower perplexity (85.9 vs 92.1, benchmarks/ptq) in 60% of the time.
    Layers reading the same tensor (q/k/v, gate/up) share one Hessian.
 3. The block, now quantized, is run again over the recorded inputs; its
    outputs are the next block's inputs. Until then the quantized layers keep
@@ -587,8 +587,8 @@ def _gptq_group(
         if n not in leader_of:
             leader_of[n] = lead if lead is not None else n
         elif leader_of[n] != (lead if lead is not None else n):
-            raise SlimtuneError(f"layer {prefix}{n} reads a different tensor across calibration batches; "
-                                "valid: true_sequential=False or a block with a fixed call graph")
+            raise SlimtuneError(f"layer {prefix}{n} shares its input with other layers in one calibration batch and not "
+                                "in another; valid: a block whose call graph is the same for every batch")
         if lead is None:
             gptqs[n].add_batch(x.detach())
             seen.append((x, n))
