@@ -173,21 +173,12 @@ def save_compressed_tensors(
         _clean_name,
         _dedupe_shared,
         _plain_state_dict,
-        _unwrap,
+        check_export_target,
         write_atomically,
     )
 
     _require_library()
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise SlimtuneError(f"directory {str(target)!r} already exists; valid: a new path, or overwrite=True")
-    base, peft_model = _unwrap(model)
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
-        raise SlimtuneError(f"model {type(base).__name__} has no transformers config; valid: a PreTrainedModel")
-    for name, m in base.named_modules():
-        if type(m).__module__.startswith("bitsandbytes"):
-            raise SlimtuneError(f"layer {_clean_name(name)} is {type(m).__name__}; valid: QuantLinear or float layers")
+    target, base, peft_model, config = check_export_target(model, directory, overwrite)
     quant_config = compressed_tensors_config(base)
 
     layers = {_clean_name(n): m for n, m in base.named_modules() if isinstance(m, QuantLinear)}

@@ -200,6 +200,25 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return out, tied
 
 
+def check_export_target(model: nn.Module, directory, overwrite: bool) -> tuple[Path, nn.Module, Any, Any]:
+    """``(target, plain base, PeftModel or None, config)`` for an export, refusing an existing ``directory`` (unless
+    ``overwrite``), a model without a transformers config, and bitsandbytes layers, each in one line."""
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise SlimtuneError(f"directory {str(target)!r} already exists; valid: a new path, or overwrite=True")
+    base, peft_model = _unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise SlimtuneError(f"model {type(base).__name__} has no transformers config; valid: a PreTrainedModel")
+    for name, m in base.named_modules():
+        if type(m).__module__.startswith("bitsandbytes"):
+            raise SlimtuneError(
+                f"layer {_clean_name(name)} is {type(m).__name__}; valid: QuantLinear or float layers "
+                "(save bitsandbytes models with save_pretrained)"
+            )
+    return target, base, peft_model, config
+
+
 def write_atomically(target: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary sibling folder, then rename it to ``target`` (replacing it); on any error
     the temporary folder is removed and ``target`` is left as it was."""
@@ -235,19 +254,7 @@ def save_quantized(
     """
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise SlimtuneError(f"directory {str(target)!r} already exists; valid: a new path, or overwrite=True")
-    base, peft_model = _unwrap(model)
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
-        raise SlimtuneError(f"model {type(base).__name__} has no transformers config; valid: a PreTrainedModel")
-    for name, m in base.named_modules():
-        if type(m).__module__.startswith("bitsandbytes"):
-            raise SlimtuneError(
-                f"layer {_clean_name(name)} is {type(m).__name__}; valid: QuantLinear or float layers "
-                "(save bitsandbytes models with save_pretrained)"
-            )
+    target, base, peft_model, config = check_export_target(model, directory, overwrite)
 
     layers = _quant_layers(base)
     tensors, tied = _dedupe_shared(_plain_state_dict(base))
