@@ -3,8 +3,8 @@
 `PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`pl_module.model`): a PEFT LoRA
 model (LoRA layers wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
 
-1. Calibration (GPTQ only): `n_samples` random windows of `seq_len` tokens, seeded, from any text source the data layer
-   reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a glob, a `datasets` name); by
+1. Calibration (GPTQ only; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
+   any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a glob, a `datasets` name); by
    default the C4 validation sample in `../shared/data/c4/` (as the GPTQ paper calibrates on C4).
 2. Quantization with `slimtune.quant`: each target's base layer is swapped in place for a `QuantLinear` (RTN, GPTQ) or
    a bitsandbytes `Linear4bit` (NF4). In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
@@ -28,6 +28,9 @@ weights come from the checkpoint as usual. Checkpoints grow by the quantized bas
 Export: `export_quantized(model, directory)` writes the model with `slimtune.quant.save_quantized` (adapter included;
 `load_quantized(directory)` reloads it); `slimtune.models.save_merged` dequantizes `QuantLinear` layers for the dense
 merged model.
+`export_compressed_tensors(model, directory)` writes the same base in compressed-tensors format for vLLM
+(`slimtune.quant.save_compressed_tensors`); `check_compressed_tensors_export` refuses, before training, what that
+format cannot hold.
 """
 
 from __future__ import annotations
