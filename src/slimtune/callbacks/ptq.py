@@ -4,8 +4,8 @@
 model (LoRA layers wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
 
 1. Calibration (GPTQ only; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
-   any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a glob, a `datasets` name); by
-   default the C4 validation sample in `../shared/data/c4/` (as the GPTQ paper calibrates on C4).
+   any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a
+   glob, a `datasets` name); by default the C4 validation sample in `../shared/data/c4/` (as the GPTQ paper does).
 2. Quantization with `slimtune.quant`: each target's base layer is swapped in place for a `QuantLinear` (RTN, GPTQ) or
    a bitsandbytes `Linear4bit` (NF4). In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
    adapters (and the optimizer that holds them) are untouched.
