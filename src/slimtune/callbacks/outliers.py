@@ -204,7 +204,7 @@ class ActivationOutlierMonitor(SlimtuneCallback):
             raise SlimtuneError(f"model {type(model).__name__} has no linear layers to monitor")
         chosen = select_names(layers, self.patterns, self.exclude, "ActivationOutlierMonitor pattern",
                               "ActivationOutlierMonitor patterns")
-        return {n: m for n, m in layers.items() if n in chosen}
+        return {n: layers[n] for n in chosen}  # select_names keeps module order
 
     def attach(self, model: nn.Module, active: bool = True) -> ActivationOutlierMonitor:
         """Hook the selected layers of `model` (recording at once when `active`); keeps accumulated statistics."""

@@ -689,14 +689,15 @@ def check_compressed_tensors_export(callbacks: list, model: nn.Module) -> None:
         raise SlimtuneError("export.compressed_tensors=true needs a PostTrainingQuantization callback (e.g. "
                             "callbacks=[ptq_gptq_w4]); valid: export.compressed_tensors=false without one")
     _require_library()
+    base = base_model_of(model)
     for cb in ptq:
         if cb.method == "nf4":
             raise SlimtuneError("export.compressed_tensors=true is not valid with PostTrainingQuantization method=nf4 "
                                 "(bitsandbytes layers); valid: method=gptq or rtn, or export.compressed_tensors=false")
         if cb.group_size is None:
             continue
-        for t in linear_targets(base_model_of(model), cb.targets, cb.exclude):
-            width = base_model_of(model).get_submodule(t.path).in_features
+        for t in linear_targets(base, cb.targets, cb.exclude):
+            width = base.get_submodule(t.path).in_features
             if width % cb.group_size:
                 raise SlimtuneError(
                     f"export.compressed_tensors=true: layer {t.name} is {width} wide, not a multiple of "

@@ -44,9 +44,6 @@ from slimtune.quant.layers import QuantLinear
 
 __all__ = ["compressed_tensors_config", "save_compressed_tensors"]
 
-WEIGHTS_NAME = "model.safetensors"
-ADAPTER_DIRNAME = "adapter"
-
 
 def _require_library():
     try:
@@ -105,7 +102,7 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
         raise SlimtuneError(f"model {type(base).__name__} has no QuantLinear layers; valid: a model quantized by slimtune")
     by_args: dict[str, tuple[Any, list[str]]] = {}
     for name, layer in layers.items():
-        args = _args_for(layer, name)
+        args = _args_for(layer, name)  # also refuses what the format cannot hold, before any tensor is built
         key = args.model_dump_json()
         by_args.setdefault(key, (args, []))[1].append(name)
     other_linear = sorted(
@@ -145,7 +142,6 @@ def _compressed_tensors_of(name: str, layer: QuantLinear) -> dict[str, torch.Ten
         out[f"{name}.weight_zero_point"] = pack_to_int32(zeros.to(torch.int8), bits, packed_dim=0)
     elif not torch.all(layer.zeros() == offset):
         raise SlimtuneError(f"layer {name} is symmetric but its zero points are not {offset}; valid: a QuantSpec grid")
-    _args_for(layer, name)  # refuses what the format cannot hold
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().clone()
     return out
@@ -167,14 +163,13 @@ def save_compressed_tensors(
         SlimtuneError: the directory exists and ``overwrite`` is False; compressed-tensors is not installed; the
             model has no QuantLinear layers, a ragged group, or bitsandbytes layers.
     """
-    from safetensors.torch import save_file
 
     from slimtune.quant.export import (
         _clean_name,
         _dedupe_shared,
         _plain_state_dict,
         check_export_target,
-        write_atomically,
+        write_model_folder,
     )
 
     _require_library()
@@ -195,13 +190,5 @@ def save_compressed_tensors(
         # Only the tied embedding/lm_head pair is rebuilt by transformers on load.
         raise SlimtuneError(f"tensors {sorted(tied)} share memory with others; valid: untied weights or tied embeddings")
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if peft_model is not None and save_adapter:
-            peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
-
-    write_atomically(target, write)
+    write_model_folder(target, tensors, config, tokenizer, peft_model if save_adapter else None)
     return target

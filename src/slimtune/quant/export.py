@@ -238,6 +238,25 @@ def write_atomically(target: Path, write) -> None:
         raise
 
 
+def write_model_folder(target: Path, tensors: dict[str, torch.Tensor], config, tokenizer=None, peft_model=None,
+                       *, metadata: dict[str, str] | None = None, files: dict[str, str] | None = None) -> None:
+    """Atomically write a Hugging Face model folder: ``model.safetensors``, ``config.json``, extra text ``files``,
+    the tokenizer (if given) and a PEFT model's adapter in ``adapter/`` (if given)."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+        config.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if peft_model is not None:
+            peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
+
+    write_atomically(target, write)
+
+
 def save_quantized(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -252,7 +271,6 @@ def save_quantized(
         SlimtuneError: ``directory`` exists and ``overwrite`` is False; the model
             has bitsandbytes 4/8-bit layers or no config.
     """
-    from safetensors.torch import save_file
 
     target, base, peft_model, config = check_export_target(model, directory, overwrite)
 
@@ -269,16 +287,9 @@ def save_quantized(
     config = copy.deepcopy(config)
     config.architectures = [type(base).__name__]
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "slimtune": FORMAT_NAME})
-        config.save_pretrained(tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if peft_model is not None and save_adapter:
-            peft_model.save_pretrained(tmp / ADAPTER_DIRNAME)
-
-    write_atomically(target, write)
+    write_model_folder(target, tensors, config, tokenizer, peft_model if save_adapter else None,
+                       metadata={"slimtune": FORMAT_NAME},
+                       files={MANIFEST_NAME: json.dumps(manifest, indent=2, sort_keys=True) + "\n"})
     return target
 
 

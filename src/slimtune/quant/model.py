@@ -584,9 +584,7 @@ def _gptq_group(
     def hook(mod, inp, out, n):
         x = inp[0]
         lead = next((name for t, name in seen if t is x), None)
-        if n not in leader_of:
-            leader_of[n] = lead if lead is not None else n
-        elif leader_of[n] != (lead if lead is not None else n):
+        if leader_of.setdefault(n, lead or n) != (lead or n):
             raise SlimtuneError(f"layer {prefix}{n} shares its input with other layers in one calibration batch and not "
                                 "in another; valid: a block whose call graph is the same for every batch")
         if lead is None:
@@ -686,6 +684,7 @@ def apply_lorc(
         base = layer.dequantized_weight()
         best = None
         new_codes = None
+        lora_A = lora_B = None  # the previous iterate's factors
         for it in range(iters):
             if it > 0:
                 q, s, z = quantize_to_grid(w - lora_B @ lora_A, layer.spec)
