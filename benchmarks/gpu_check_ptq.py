@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ C.offline()
 
 import torch  # noqa: E402
 
-DATA = Path(os.environ.get("SLIMTUNE_DATA", str(C.ROOT.parent / "shared" / "data")))
+DATA = C.DATA_DIR
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 50257, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 2048, "tie_word_embeddings": True, "initializer_range": 0.02}
@@ -110,7 +109,7 @@ def main() -> None:
     peft_model, seconds = timed(lambda: add_lorc_adapters(model, originals, rank=16))
     result["lorc_gptq_seconds"] = seconds
     result["ppl_gptq_lorc16"] = ppl(peft_model, ids, seq_len, windows)
-    del model, peft_model, originals
+    model = peft_model = originals = None  # free the GPTQ copy before the NF4 one
 
     # 4. NF4 (bitsandbytes, CUDA kernels on the GPU) + LoRC.
     nf4_model = copy.deepcopy(fp_model).to(device)
