@@ -147,13 +147,16 @@ def _tiny_lora_model(r=8, alpha=16, seed=0):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
 
 
-def test_nf4_lorc_state_restores_without_quantizing_again():
+@pytest.mark.parametrize("method", ["nf4", "gptq_nf4"])
+def test_nf4_lorc_state_restores_without_quantizing_again(method, gpt2_tokenizer):
     pytest.importorskip("bitsandbytes")
     model = _tiny_lora_model()
     fp = _logits(model)
     plain = _tiny_lora_model()
-    PostTrainingQuantization(method="nf4", bits=4, group_size=64, verbose=False).quantize(plain)
-    cb = PostTrainingQuantization(method="nf4", bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False)
+    calib = {"tokenizer": gpt2_tokenizer, "n_samples": 4, "seq_len": 32, "progress": False}
+    PostTrainingQuantization(method=method, bits=4, group_size=64, verbose=False, **calib).quantize(plain)
+    cb = PostTrainingQuantization(method=method, bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False,
+                                  **calib)
     cb.quantize(model)
     assert type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     quantized = _logits(model)
@@ -166,7 +169,7 @@ def test_nf4_lorc_state_restores_without_quantizing_again():
     for name, module in fresh.named_modules():
         if name.endswith("base_layer"):
             module.weight.data.zero_()
-    restored = PostTrainingQuantization(method="nf4", bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False)
+    restored = PostTrainingQuantization(method=method, bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False)
     restored.load_state_dict(cb.state_dict())
     restored.restore(fresh)
     assert torch.equal(_logits(fresh), quantized)
@@ -213,8 +216,10 @@ def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, gpt2_
 @pytest.mark.parametrize("kwargs, message", [
     ({"bits": 5}, "bits=5 is not valid; valid: 2, 3, 4, 8"),
     ({"group_size": 0}, "group_size=0 is not valid; valid: a positive int or null"),
-    ({"method": "awq"}, "method='awq' is not valid; valid: rtn, gptq, nf4"),
+    ({"method": "awq"}, "method='awq' is not valid; valid: rtn, gptq, nf4, gptq_nf4"),
     ({"method": "nf4", "bits": 3}, "bits=3 is not valid with method=nf4; valid: 4"),
+    ({"method": "gptq_nf4", "bits": 8}, "bits=8 is not valid with method=gptq_nf4; valid: 4"),
+    ({"method": "gptq_nf4", "group_size": 48}, "group_size=48 is not an NF4 block size; valid: 32, 64, 128"),
     ({"lorc_rank": -1}, "lorc_rank=-1 is not valid"),
     ({"n_samples": 0}, "n_samples=0 is not valid; valid: an int >= 1"),
     ({"damp": 2.0}, "damp=2.0 is not valid"),
@@ -303,6 +308,7 @@ def test_run_exports_compressed_tensors_that_transformers_and_peft_load(tmp_path
 @pytest.mark.parametrize("override, message", [
     ("callbacks.ptq_lorc_w3.group_size=48", "64 wide, not a multiple of group_size=48"),
     ("callbacks.ptq_lorc_w3.method=nf4", "not valid with PostTrainingQuantization method=nf4"),
+    ("callbacks.ptq_lorc_w3.method=gptq_nf4", "not valid with PostTrainingQuantization method=gptq_nf4"),
     ("recipe=qlora_tiny", "needs a PostTrainingQuantization callback"),
 ])
 def test_compressed_tensors_export_refuses_what_it_cannot_store_before_training(tmp_path, override, message):
@@ -315,3 +321,26 @@ def test_compressed_tensors_export_refuses_what_it_cannot_store_before_training(
         prepare(cfg)
     assert "\n" not in str(err.value)
     assert not Path(cfg.output_dir).exists()
+
+
+def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
+    import bitsandbytes as bnb
+
+    cfg = compose("model=tiny_llama", "model.quantization=none", "callbacks=[ptq_gptq_nf4,perplexity]",
+                  f"data.path={text_file}", "data.block_size=64", "data.batch_size=4", "trainer.max_steps=12",
+                  "optimizer.lr=1e-2", f"output_dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false",
+                  "trainer.log_every_n_steps=1", "callbacks.perplexity.max_windows=2",
+                  "callbacks.ptq_gptq_nf4.n_samples=8", "callbacks.ptq_gptq_nf4.seq_len=64",
+                  "callbacks.ptq_gptq_nf4.lorc_rank=4", "callbacks.ptq_gptq_nf4.progress=false")
+    job = prepare(cfg)
+    report = finish(fit(job))
+    assert report["ptq_method"] == "gptq_nf4" and report["ptq_layers"] == 14 and report["ptq_lorc_rank"] == 4
+    bases = [m.base_layer for n, m in job.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert len(bases) == 4 and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)
+    assert report["eval_ppl_after"] < report["eval_ppl_before"]
+    losses = _losses(Path(cfg.output_dir))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    # the dense merged model (NF4 dequantized, adapter merged in fp32) computes what the trained model does
+    trained = _logits(job.model)
+    merged = AutoModelForCausalLM.from_pretrained(report["merged_dir"])
+    assert (_logits(merged) - trained).abs().max() <= 1e-4 * trained.abs().max()

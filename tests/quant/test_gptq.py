@@ -152,3 +152,66 @@ def test_bad_inputs_raise():
         gptq.quantize(torch.randn(4, 8), QuantSpec(), block_size=0)
     with pytest.raises(ValueError, match="damp=-1"):
         gptq.quantize(torch.randn(4, 8), QuantSpec(), damp=-1)
+
+
+# --------------------------------------------------------------------------- fixed non-uniform grids (NF4 storage)
+
+NF4_TABLE = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+                          0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0])
+
+
+def _absmax_scales(weight, group_size):
+    return weight.reshape(weight.shape[0], -1, group_size).abs().amax(dim=2)
+
+
+def _nearest(weight, table, scale, group_size):
+    normalized = weight / scale.repeat_interleave(group_size, dim=1)
+    return (normalized[..., None] - table).abs().argmin(dim=-1)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_codebook_gptq_beats_rounding_to_the_same_grid(layer, act_order):
+    weight, x = layer
+    scale = _absmax_scales(weight, 24)
+    result = gptq_codebook(weight, x, scale, act_order)
+    rounded = NF4_TABLE[_nearest(weight, NF4_TABLE, scale, 24)] * scale.repeat_interleave(24, dim=1)
+    assert _output_error(x, weight, result.dequantized_weight) < 0.8 * _output_error(x, weight, rounded)
+    # every weight is a table value times its block's scale, given by the returned codes
+    assert result.codes.dtype == torch.uint8 and int(result.codes.max()) < len(NF4_TABLE)
+    assert torch.equal(result.dequantized_weight, NF4_TABLE[result.codes.long()] * scale.repeat_interleave(24, dim=1))
+    assert (result.perm is not None) == act_order and result.loss > 0
+
+
+def gptq_codebook(weight, x, scale, act_order):
+    gptq = GPTQ(IN)
+    gptq.add_batch(x)
+    return gptq.quantize_codebook(weight, NF4_TABLE, scale, 24, act_order=act_order, block_size=16)
+
+
+def test_codebook_gptq_with_uncorrelated_inputs_rounds_to_nearest():
+    # A diagonal Hessian has no cross terms: GPTQ has nothing to compensate and must round each weight to nearest.
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 48, generator=g)
+    gptq = GPTQ(48)
+    gptq.hessian, gptq.nsamples = torch.diag(torch.rand(48, generator=g) + 0.5), 1
+    scale = _absmax_scales(weight, 16)
+    # an unsorted table (bitsandbytes' FP4 order): codes index the table as given
+    table = NF4_TABLE[torch.randperm(16, generator=g)]
+    result = gptq.quantize_codebook(weight, table, scale, 16)
+    assert torch.equal(result.codes.long(), _nearest(weight, table, scale, 16))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"codebook": torch.zeros(4, 4)}, "codebook=(4, 4) is not valid; valid: a 1-D finite float tensor"),
+    ({"scale": torch.ones(OUT, 2)}, f"scale shape=({OUT}, 2) is not valid; valid: positive values of shape ({OUT}, 3)"),
+    ({"scale": torch.zeros(OUT, 3)}, "valid: positive values of shape"),
+    ({"group_size": 0}, "group_size=0 is not valid; valid: a positive int"),
+])
+def test_codebook_gptq_bad_arguments_are_one_line_errors(layer, kwargs, message):
+    weight, x = layer
+    gptq = GPTQ(IN)
+    gptq.add_batch(x)
+    args = {"codebook": NF4_TABLE, "scale": torch.ones(OUT, 3), "group_size": 24, **kwargs}
+    with pytest.raises(ValueError) as err:
+        gptq.quantize_codebook(weight, **args)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -338,3 +338,45 @@ def test_lorc_nf4(fp_model, eval_ids):
     delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     w = originals["model.layers.1.mlp.down_proj"]
     assert torch.linalg.matrix_norm(w - deq - delta) < torch.linalg.matrix_norm(w - deq)
+
+
+# --------------------------------------------------------------------------- GPTQ-NF4
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_nf4_makes_bitsandbytes_layers_closer_than_rounding(fp_model, calib, eval_ids, act_order):
+    import bitsandbytes as bnb
+
+    from slimtune.quant.nf4 import NF4Spec, nf4_block_absmax, nf4_dequantize
+
+    rounded = copy.deepcopy(fp_model)
+    quantize_model_nf4(rounded)
+    model = copy.deepcopy(fp_model)
+    originals = quantize_model_gptq(model, calib, NF4Spec(blocksize=32), act_order=act_order, keep_original=True,
+                                    progress=False)
+    assert model.is_loaded_in_4bit
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 2 * len(LINEARS) and set(layers) == set(originals)
+    for name, layer in layers.items():
+        state = layer.weight.quant_state
+        assert state.blocksize == 32 and state.nested and state.quant_type == "nf4"
+        # the stored codes are table values times the block absmax bitsandbytes computed from the float weight
+        w = originals[name]
+        absmax = nf4_block_absmax(layer).reshape(w.shape[0], -1).repeat_interleave(32, dim=1)
+        table_values = nf4_dequantize(layer) / absmax
+        assert torch.isin(table_values.round(decimals=4), state.code.round(decimals=4)).all()
+        assert (absmax - w.abs().reshape(w.shape[0], -1, 32).amax(2).repeat_interleave(32, dim=1)).abs().max() < 0.02
+    # GPTQ chose other codes than rounding to nearest, and the model is closer to the float one
+    name = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(layers[name].weight.data, rounded.get_submodule(name).weight.data)
+    fp = logits(fp_model, eval_ids)
+    assert mse(logits(model, eval_ids), fp) < 0.8 * mse(logits(rounded, eval_ids), fp)
+
+
+def test_gptq_nf4_layer_width_not_a_multiple_of_the_block_is_refused(fp_model, calib):
+    from slimtune.quant.nf4 import NF4Spec
+
+    with pytest.raises(SlimtuneError, match="layer model.layers.0.mlp.down_proj has in_features=128, not a multiple "
+                                            "of the NF4 block size 256; valid: a block size that divides it"):
+        quantize_model_gptq(copy.deepcopy(fp_model), calib, NF4Spec(blocksize=256), targets=["down_proj"],
+                            progress=False)

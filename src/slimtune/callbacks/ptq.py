@@ -1,13 +1,15 @@
-"""Post-training quantization (RTN, GPTQ, NF4) of the frozen base, with LoRC-initialised LoRA, before fine-tuning.
+"""Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4) of the frozen base, with LoRC-initialised LoRA, before fine-tuning.
 
 `PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`pl_module.model`): a PEFT LoRA
 model (LoRA layers wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
 
-1. Calibration (GPTQ only; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
+1. Calibration (GPTQ and GPTQ-NF4; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
    any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a
    glob, a `datasets` name); by default the C4 validation sample in `../shared/data/c4/` (as the GPTQ paper does).
 2. Quantization with `slimtune.quant`: each target's base layer is swapped in place for a `QuantLinear` (RTN, GPTQ) or
-   a bitsandbytes `Linear4bit` (NF4). In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
+   a bitsandbytes `Linear4bit` (NF4: bitsandbytes rounds to nearest; GPTQ-NF4: the same storage and block scales,
+   each 4-bit code chosen by GPTQ's error feedback, so the base is a QLoRA base that starts closer to the float model).
+   In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
    adapters (and the optimizer that holds them) are untouched.
 3. LoRC (`lorc_rank` > 0): the LoRA factors of every wrapped layer are set to the rank-`lorc_rank` truncated SVD of
    `E = W - dequant(Q(W))`, with B divided by PEFT's scaling (alpha / r) so that `scaling * B @ A ~= E` and the layer
@@ -51,7 +53,9 @@ from slimtune.data.calibration import calibration_batches, calibration_source
 from slimtune.errors import SlimtuneError, choices
 from slimtune.quant.model import is_linear_like, select_names
 
-METHODS = ("rtn", "gptq", "nf4")
+METHODS = ("rtn", "gptq", "nf4", "gptq_nf4")
+NF4_METHODS = ("nf4", "gptq_nf4")  # bitsandbytes Linear4bit layers
+CALIBRATED = ("gptq", "gptq_nf4")
 BITS = (2, 3, 4, 8)
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -210,43 +214,26 @@ def _device_of(module: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- LoRC
 
 
-def _nf4_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool, compute_dtype: torch.dtype, bias):
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type="nf4", device="meta")
-    data = weight.detach().to("cpu", copy=True)
-    layer.weight = bnb.nn.Params4bit(data, requires_grad=False, blocksize=blocksize,
-                                     compress_statistics=double_quant, quant_type="nf4").to(weight.device)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return layer
-
-
-def _nf4_dequantize(layer) -> torch.Tensor:
-    import bitsandbytes.functional as bnb_f
-
-    return bnb_f.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-
-
 @torch.no_grad()
-def _lorc_factors_for(layer: nn.Module, weight: torch.Tensor, rank: int, iters: int, nf4: dict | None):
+def _lorc_factors_for(layer: nn.Module, weight: torch.Tensor, rank: int, iters: int, nf4):
     """(A [rank, in], B [out, rank], layer) with B @ A ~= W - dequant(Q); LoftQ iterations may replace the codes."""
     from slimtune.quant import QuantLinear, apply_lorc, lorc_factors
+    from slimtune.quant.nf4 import nf4_dequantize, nf4_linear
 
     if isinstance(layer, QuantLinear):
         holder = nn.Module()
         holder.add_module("layer", layer)
         (lora_a, lora_b), = apply_lorc(holder, rank, iters, {"layer": weight}).values()
         return lora_a, lora_b, layer
-    # bitsandbytes NF4: same alternation, re-quantizing W - B A with NF4.
+    # bitsandbytes NF4: same alternation, re-quantizing W - B A with NF4 (round to nearest; the first iterate keeps
+    # GPTQ-NF4's codes, and the smallest residual wins).
     w = weight.to(device=layer.weight.device, dtype=torch.float32)
     best, current = None, layer
     for it in range(iters):
         if it > 0:
-            current = _nf4_quantize((w - lora_b @ lora_a).to(weight.dtype), nf4["blocksize"], nf4["double_quant"],
-                                    layer.compute_dtype or weight.dtype, layer.bias)
-        error = w - _nf4_dequantize(current)
+            current = nf4_linear((w - lora_b @ lora_a).to(weight.dtype), layer.bias, nf4,
+                                 layer.compute_dtype or weight.dtype)
+        error = w - nf4_dequantize(current)
         lora_a, lora_b = (f.float() for f in lorc_factors(error, rank))
         residual = torch.linalg.matrix_norm(error - lora_b @ lora_a).item()
         if best is None or residual < best[0]:
@@ -273,7 +260,8 @@ class PostTrainingQuantization(SlimtuneCallback):
     """Quantizes the frozen base (RTN, GPTQ or NF4) at fit start and initialises LoRA from LoRC; see module docstring.
 
     Args:
-        method: `rtn`, `gptq` (needs calibration data) or `nf4` (bitsandbytes; bits=4, group_size = NF4 block size).
+        method: `rtn`, `gptq` (needs calibration data), `nf4` (bitsandbytes; bits=4, group_size = NF4 block size) or
+            `gptq_nf4` (bitsandbytes NF4 storage and block scales, codes chosen by GPTQ from calibration data).
         bits: 2, 3, 4 or 8. group_size: input columns per scale (None: one per output row). symmetric: signed grid.
         act_order, damp: GPTQ's column order by Hessian diagonal and dampening (fraction of the mean diagonal).
         true_sequential: GPTQ calibrates a block's sublayer groups one after another (q/k/v -> o -> gate/up -> down),
@@ -319,9 +307,9 @@ class PostTrainingQuantization(SlimtuneCallback):
             raise SlimtuneError(f"PostTrainingQuantization bits={bits!r} is not valid; valid: {choices(BITS)}")
         if group_size is not None and (not _is_int(group_size) or group_size <= 0):
             raise SlimtuneError(f"PostTrainingQuantization group_size={group_size!r} is not valid; valid: a positive int or null")
-        if method == "nf4":
+        if method in NF4_METHODS:
             if bits != 4:
-                raise SlimtuneError(f"PostTrainingQuantization bits={bits!r} is not valid with method=nf4; valid: 4")
+                raise SlimtuneError(f"PostTrainingQuantization bits={bits!r} is not valid with method={method}; valid: 4")
             if group_size is not None and group_size not in NF4_BLOCKSIZES:
                 raise SlimtuneError(
                     f"PostTrainingQuantization group_size={group_size!r} is not an NF4 block size; valid: {choices(NF4_BLOCKSIZES)} or null (64)"
@@ -350,7 +338,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         if scale_dtype not in SCALE_DTYPES:
             raise SlimtuneError(f"PostTrainingQuantization scale_dtype={scale_dtype!r} is not valid; valid: {choices(SCALE_DTYPES)}")
         calibration_cfg = calibration_source(calibration)
-        if method == "gptq" and calibration_cfg.get("path") and not calibration_cfg.get("dataset"):
+        if method in CALIBRATED and calibration_cfg.get("path") and not calibration_cfg.get("dataset"):
             from slimtune.data.datasets import resolve_files
 
             try:
@@ -400,7 +388,10 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     def spec(self):
         from slimtune.quant import QuantSpec
+        from slimtune.quant.nf4 import NF4Spec
 
+        if self.method in NF4_METHODS:
+            return NF4Spec(self.group_size or 64, self.double_quant)
         return QuantSpec(self.bits, self.group_size, self.symmetric)
 
     def report(self) -> dict[str, Any]:
@@ -530,8 +521,10 @@ class PostTrainingQuantization(SlimtuneCallback):
         self._measure(trainer, pl_module, "before_quant")
         paths = [re.escape(t.path) for t in targets]
         keep = bool(lorc)
+        # the quantizers mark the model for PEFT's 4-bit dispatch; the base of an existing PEFT model stays as it was
+        had_flag = "is_loaded_in_4bit" in vars(base)
         with _adapters_disabled(base):
-            if self.method == "gptq":
+            if self.method in CALIBRATED:
                 tokenizer = self._get_tokenizer(pl_module)
                 batches = calibration_batches(self.calibration, tokenizer, self.n_samples, self.seq_len, self.seed)
                 originals = quantize_model_gptq(
@@ -542,22 +535,22 @@ class PostTrainingQuantization(SlimtuneCallback):
                 originals = quantize_model_rtn(base, self.spec(), paths, exclude=(), keep_original=keep,
                                                scale_dtype=SCALE_DTYPES[self.scale_dtype])
             else:
-                had_flag = "is_loaded_in_4bit" in vars(base)
+                spec = self.spec()
                 compute = next(base.get_submodule(t.path).weight.dtype for t in targets)
-                originals = quantize_model_nf4(base, paths, exclude=(), blocksize=self.group_size or 64,
-                                               compress_statistics=self.double_quant, compute_dtype=compute,
+                originals = quantize_model_nf4(base, paths, exclude=(), blocksize=spec.blocksize,
+                                               compress_statistics=spec.double_quant, compute_dtype=compute,
                                                keep_original=keep)
-                if not had_flag:
-                    vars(base).pop("is_loaded_in_4bit", None)
+        if not had_flag:
+            vars(base).pop("is_loaded_in_4bit", None)
         self.n_layers = len(targets)
         self._measure(trainer, pl_module, "after_quant")
 
         if lorc:
-            nf4 = {"blocksize": self.group_size or 64, "double_quant": self.double_quant}
+            nf4 = self.spec() if self.method in NF4_METHODS else None
             for t in _progress_bar(lorc, "LoRC layers", show):
                 layer = base.get_submodule(t.path)
                 lora_a, lora_b, new = _lorc_factors_for(layer, originals.pop(t.path), self.lorc_rank,
-                                                        self.lorc_iters, nf4 if self.method == "nf4" else None)
+                                                        self.lorc_iters, nf4)
                 if new is not layer:
                     _set_module(base, t.path, new)
                 _init_lora(t.wrapper, adapters[t.name], lora_a, lora_b)
@@ -691,8 +684,8 @@ def check_compressed_tensors_export(callbacks: list, model: nn.Module) -> None:
     _require_library()
     base = base_model_of(model)
     for cb in ptq:
-        if cb.method == "nf4":
-            raise SlimtuneError("export.compressed_tensors=true is not valid with PostTrainingQuantization method=nf4 "
+        if cb.method in NF4_METHODS:
+            raise SlimtuneError(f"export.compressed_tensors=true is not valid with PostTrainingQuantization method={cb.method} "
                                 "(bitsandbytes layers); valid: method=gptq or rtn, or export.compressed_tensors=false")
         if cb.group_size is None:
             continue

@@ -55,6 +55,23 @@ class GPTQResult:
     loss: float
 
 
+@dataclass
+class CodebookResult:
+    """Output of :meth:`GPTQ.quantize_codebook`, in the original column order.
+
+    Attributes:
+        codes: uint8 ``[out, in]`` indices into the given codebook.
+        dequantized_weight: ``codebook[codes] * scale`` in the input weight's dtype.
+        perm: Column visiting order used with ``act_order``, else ``None``.
+        loss: GPTQ's error proxy.
+    """
+
+    codes: torch.Tensor
+    dequantized_weight: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -125,27 +142,11 @@ class GPTQ:
                 defined on the original column order (``c // group_size``).
         """
         self._check_quantize_args(weight, spec, damp, block_size, act_order)
-        device = self.hessian.device
-        W = weight.detach().to(device=device, dtype=torch.float32, copy=True)
-        H = self.hessian.to(torch.float64, copy=True)
-        n_out, n_cols = W.shape
-
-        # Inputs that were always zero carry no information: make H invertible
-        # there and drop the weight column (its output contribution is zero).
-        dead = H.diagonal() == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-
+        W, Hinv, perm = self._prepare(weight, damp, act_order)
+        device, (n_out, n_cols) = W.device, W.shape
         g_of_col = group_index(n_cols, spec, device=device)
-        perm = None
-        if act_order:
-            perm = torch.argsort(H.diagonal(), descending=True)
-            W = W[:, perm]
-            H = H[perm][:, perm]
+        if perm is not None:
             g_of_col = g_of_col[perm]  # group id (original order) of each walk position
-
-        Hinv = self._inverse_hessian_cholesky(H, damp).to(torch.float32)
-        del H
 
         n_groups = spec.n_groups(n_cols)
         scale = torch.zeros(n_out, n_groups, dtype=torch.float32, device=device)
@@ -154,44 +155,23 @@ class GPTQ:
         group_scale: list[torch.Tensor | None] = [None] * n_groups  # contiguous [out] vectors, made once per group
         group_zero: list[torch.Tensor | None] = [None] * n_groups
         g_list = g_of_col.tolist()
-        hinv_diag = Hinv.diagonal().tolist()
-        codes = torch.zeros_like(W)
-        losses = torch.zeros(n_out, dtype=torch.float32, device=device)
         maxq = float(spec.maxq)
 
-        # The column loop is the reference algorithm; its body is written with few, in-place kernels because it
-        # runs once per input column of every layer (quantize_values/dequantize_values compute the same formula).
-        for b1 in range(0, n_cols, block_size):
-            b2 = min(b1 + block_size, n_cols)
-            W1 = W[:, b1:b2]  # a view: in-block updates are visible to group params below
-            Hinv1 = Hinv[b1:b2, b1:b2]
-            Err1 = torch.zeros_like(W1)
-            for i in range(b2 - b1):
-                g = g_list[b1 + i]
-                if not group_ready[g]:
-                    # First column of group g in walk order: fit its grid to the
-                    # current (error-updated) weights of all its columns.
-                    members = (g_of_col == g).nonzero().squeeze(1)
-                    members_w = W[:, members]
-                    scale[:, g], zero[:, g] = qparams_from_range(
-                        members_w.amin(dim=1), members_w.amax(dim=1), spec
-                    )
-                    group_scale[g], group_zero[g] = scale[:, g].contiguous(), zero[:, g].contiguous()
-                    group_ready[g] = True
-                s, z = group_scale[g], group_zero[g]
-                w = W1[:, i]
-                q = torch.div(w, s).round_().add_(z).clamp_(0.0, maxq)
-                codes[:, b1 + i] = q
-                err = Err1[:, i]
-                torch.sub(w, (q - z).mul_(s), out=err)
-                err.div_(hinv_diag[b1 + i])
-                # OBS update of the rest of the block (columns after i).
-                if i + 1 < b2 - b1:
-                    W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1.0)
-            losses += Err1.square().sum(dim=1) / 2
-            # Lazy batch update: apply the whole block's error to later columns once.
-            if b2 < n_cols:
-                W[:, b2:].addmm_(Err1, Hinv[b1:b2, b2:], alpha=-1.0)
+        def quantize_column(pos: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = g_list[pos]
+            if not group_ready[g]:
+                # First column of group g in walk order: fit its grid to the
+                # current (error-updated) weights of all its columns.
+                members_w = W[:, (g_of_col == g).nonzero().squeeze(1)]
+                scale[:, g], zero[:, g] = qparams_from_range(members_w.amin(dim=1), members_w.amax(dim=1), spec)
+                group_scale[g], group_zero[g] = scale[:, g].contiguous(), zero[:, g].contiguous()
+                group_ready[g] = True
+            s, z = group_scale[g], group_zero[g]
+            # quantize_values/dequantize_values' formula, in place: this runs once per input column.
+            q = torch.div(w, s).round_().add_(z).clamp_(0.0, maxq)
+            return q, (q - z).mul_(s)
+
+        codes, loss = _error_feedback_walk(W, Hinv, block_size, quantize_column)
 
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]
@@ -205,11 +185,88 @@ class GPTQ:
             zero=zero,
             dequantized_weight=dequantized,
             perm=None if perm is None else perm.to(weight.device),
-            loss=float(losses.sum()),
+            loss=loss,
         )
 
+    @torch.no_grad()
+    def quantize_codebook(
+        self,
+        weight: torch.Tensor,
+        codebook: torch.Tensor,
+        scale: torch.Tensor,
+        group_size: int,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = False,
+    ) -> CodebookResult:
+        """GPTQ with a fixed non-uniform grid: each weight becomes ``codebook[code] * scale[row, col // group_size]``.
+
+        The scales are given (static groups), which is what a storage format with precomputed per-block scales
+        needs: bitsandbytes NF4/FP4 keep one absmax per block of ``group_size`` columns and a 16-value code table.
+        Each column is rounded to its nearest grid value and its error spread over the later columns as in
+        :meth:`quantize`; values beyond the grid's ends are clamped to them.
+
+        Args:
+            codebook: 1-D float table of grid values (any order, e.g. bitsandbytes' ``QuantState.code``).
+            scale: ``[out, ceil(in / group_size)]`` positive scales.
+        """
+        self._check_quantize_args(weight, None, damp, block_size, act_order)
+        n_out, n_cols = weight.shape
+        if not _is_int(group_size) or group_size <= 0:
+            raise ValueError(f"group_size={group_size!r} is not valid; valid: a positive int")
+        if not isinstance(codebook, torch.Tensor) or codebook.dim() != 1 or codebook.numel() < 2 \
+                or not codebook.is_floating_point() or not torch.isfinite(codebook).all():
+            desc = tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__
+            raise ValueError(f"codebook={desc} is not valid; valid: a 1-D finite float tensor of at least 2 values")
+        expected = (n_out, math.ceil(n_cols / group_size))
+        if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected or not (scale > 0).all():
+            desc = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"scale shape={desc} is not valid; valid: positive values of shape {expected}")
+        W, Hinv, perm = self._prepare(weight, damp, act_order)
+        device = W.device
+        order = torch.argsort(codebook.to(device=device, dtype=torch.float32))
+        values = codebook.to(device=device, dtype=torch.float32)[order]
+        midpoints = (values[1:] + values[:-1]) / 2
+        col_scale = scale.to(device=device, dtype=torch.float32).repeat_interleave(group_size, dim=1)[:, :n_cols]
+        if perm is not None:
+            col_scale = col_scale[:, perm]
+        col_scale = col_scale.T.contiguous()  # one contiguous [out] row per walk position
+
+        def quantize_column(pos: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = col_scale[pos]
+            nearest = torch.bucketize(w / s, midpoints)  # index into the sorted values; ends clamp
+            return nearest, values[nearest].mul_(s)
+
+        sorted_codes, loss = _error_feedback_walk(W, Hinv, block_size, quantize_column, code_dtype=torch.long)
+        codes = order[sorted_codes]
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+        codes = codes.to(torch.uint8).to(weight.device)
+        table = codebook.to(device=weight.device, dtype=torch.float32)
+        full_scale = scale.to(device=weight.device, dtype=torch.float32).repeat_interleave(group_size, dim=1)
+        dequantized = (table[codes.long()] * full_scale[:, :n_cols]).to(weight.dtype)
+        return CodebookResult(codes=codes, dequantized_weight=dequantized,
+                              perm=None if perm is None else perm.to(weight.device), loss=loss)
+
+    def _prepare(self, weight: torch.Tensor, damp: float, act_order: bool):
+        """Float32 working copy of the weight, the upper Cholesky factor of the damped inverse Hessian, the walk order."""
+        device = self.hessian.device
+        W = weight.detach().to(device=device, dtype=torch.float32, copy=True)
+        H = self.hessian.to(torch.float64, copy=True)
+        # Inputs that were always zero carry no information: make H invertible
+        # there and drop the weight column (its output contribution is zero).
+        dead = H.diagonal() == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        perm = None
+        if act_order:
+            perm = torch.argsort(H.diagonal(), descending=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        return W, self._inverse_hessian_cholesky(H, damp).to(torch.float32), perm
+
     def _check_quantize_args(
-        self, weight: torch.Tensor, spec: QuantSpec, damp: float, block_size: int, act_order: bool
+        self, weight: torch.Tensor, spec: QuantSpec | None, damp: float, block_size: int, act_order: bool
     ) -> None:
         if self.hessian is None:
             raise RuntimeError("GPTQ has no calibration data; call add_batch() before quantize()")
@@ -218,7 +275,7 @@ class GPTQ:
             raise ValueError(f"weight shape={shape} is not valid; valid: [out, {self.in_features}]")
         if not weight.is_floating_point():
             raise ValueError(f"weight dtype={weight.dtype} is not valid; valid: a floating dtype")
-        if not isinstance(spec, QuantSpec):
+        if spec is not None and not isinstance(spec, QuantSpec):
             raise ValueError(f"spec={spec!r} is not valid; valid: a QuantSpec")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
             raise ValueError(f"damp={damp!r} is not valid; valid: a finite float >= 0")
@@ -251,6 +308,38 @@ class GPTQ:
             f"GPTQ Cholesky failed {_MAX_CHOLESKY_TRIES} times, last with damp={current:g}; "
             "the Hessian is not positive definite (check calibration inputs or raise damp)"
         )
+
+
+def _error_feedback_walk(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, quantize_column,
+                         code_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """GPTQ's column walk over ``W`` (modified in place): quantize a column, spread its error onto later columns.
+
+    ``quantize_column(pos, w)`` returns the column's codes and its dequantized values. Updates inside a block of
+    ``block_size`` columns are applied column by column; the block's effect on the later columns once (lazy batch).
+    Returns the codes (walk order) and GPTQ's error proxy ``sum((w - q)^2 / d^2) / 2``.
+    """
+    n_out, n_cols = W.shape
+    codes = torch.zeros(n_out, n_cols, dtype=code_dtype, device=W.device)
+    hinv_diag = Hinv.diagonal().tolist()
+    loss = 0.0
+    for b1 in range(0, n_cols, block_size):
+        b2 = min(b1 + block_size, n_cols)
+        W1 = W[:, b1:b2]  # a view: in-block updates are visible to quantize_column (group fitting)
+        Hinv1 = Hinv[b1:b2, b1:b2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(b2 - b1):
+            w = W1[:, i]
+            q, deq = quantize_column(b1 + i, w)
+            codes[:, b1 + i] = q
+            err = Err1[:, i]
+            torch.sub(w, deq, out=err)
+            err.div_(hinv_diag[b1 + i])
+            if i + 1 < b2 - b1:  # OBS update of the rest of the block (columns after i)
+                W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1.0)
+        loss += float(Err1.square().sum()) / 2
+        if b2 < n_cols:  # lazy batch update: the whole block's error onto later columns, once
+            W[:, b2:].addmm_(Err1, Hinv[b1:b2, b2:], alpha=-1.0)
+    return codes, loss
 
 
 def gptq_quantize_linear(

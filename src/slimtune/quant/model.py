@@ -56,6 +56,7 @@ from slimtune.quant.gptq import GPTQ
 from slimtune.quant.grid import QuantSpec, dequantize_values, group_index, quantize_to_grid
 from slimtune.quant.layers import QuantLinear, register_quant_lora
 from slimtune.quant.lorc import lorc_factors
+from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_dequantize, nf4_linear
 
 __all__ = [
     "add_lorc_adapters",
@@ -236,9 +237,10 @@ def _check_float_linear(name: str, module: nn.Module, method: str) -> None:
         raise SlimtuneError(f"{method} needs nn.Linear weights; layer {name} is {type(module).__name__}")
 
 
-def _check_spec(spec: Any) -> None:
-    if not isinstance(spec, QuantSpec):
-        raise SlimtuneError(f"spec={spec!r} is not valid; valid: a slimtune.quant.QuantSpec")
+def _check_spec(spec: Any, nf4: bool = False) -> None:
+    if not isinstance(spec, (QuantSpec, NF4Spec) if nf4 else QuantSpec):
+        valid = "a slimtune.quant.QuantSpec" + (" or NF4Spec" if nf4 else "")
+        raise SlimtuneError(f"spec={spec!r} is not valid; valid: {valid}")
 
 
 # --------------------------------------------------------------------------- RTN
@@ -453,7 +455,7 @@ def _sublayer_groups(
 def quantize_model_gptq(
     model: nn.Module,
     calib_batches: Sequence[Any],
-    spec: QuantSpec,
+    spec: QuantSpec | NF4Spec,
     targets: str | Sequence[str] = "all-linear",
     *,
     exclude: Sequence[str] = ("lm_head",),
@@ -472,7 +474,9 @@ def quantize_model_gptq(
     Args:
         calib_batches: input_ids LongTensors ``[b, T]`` (or dicts with
             ``input_ids`` and optional ``attention_mask``).
-        spec: Grid; ``damp``, ``block_size``, ``act_order`` go to :meth:`GPTQ.quantize`.
+        spec: Grid; ``damp``, ``block_size``, ``act_order`` go to :meth:`GPTQ.quantize`. An
+            :class:`~slimtune.quant.nf4.NF4Spec` makes bitsandbytes ``Linear4bit`` layers whose 4-bit codes GPTQ
+            chose (:func:`~slimtune.quant.nf4.gptq_nf4_linear`) and marks the model ``is_loaded_in_4bit`` for PEFT.
         true_sequential: Quantize sublayer groups in call order, each after
             its own pass (see module docstring), instead of all of a block's
             layers after one pass.
@@ -484,7 +488,7 @@ def quantize_model_gptq(
     Returns:
         The original weights when ``keep_original``, else ``None``.
     """
-    _check_spec(spec)
+    _check_spec(spec, nf4=True)
     if n_samples is not None:
         calib_batches = check_calibration(calib_batches, n_samples)
     batches = _normalize_batches(calib_batches)
@@ -501,6 +505,9 @@ def quantize_model_gptq(
                 "them (exclude it, or quantize it with quantize_model_rtn)"
             )
         _check_float_linear(name, module, "GPTQ")
+        if isinstance(spec, NF4Spec) and module.in_features % spec.blocksize:
+            raise SlimtuneError(f"layer {name} has in_features={module.in_features}, not a multiple of the NF4 block "
+                                f"size {spec.blocksize}; valid: a block size that divides it, or exclude the layer")
         per_block[int(m.group(1))].append(m.group(2))
     device = torch.device(device) if device is not None else None
 
@@ -528,7 +535,7 @@ def quantize_model_gptq(
             inputs = [(_to(a, dev), _to(k, dev)) for a, k in inputs]
             names = per_block[i]
             prefix = f"{blocks_path}.{i}."
-            pending: dict[str, QuantLinear] = {}
+            pending: dict[str, nn.Module] = {}
             if names:
                 if not true_sequential:
                     groups = [names]
@@ -551,6 +558,8 @@ def quantize_model_gptq(
         model.train(was_training)
         if config is not None and old_use_cache is not None:
             config.use_cache = old_use_cache
+    if isinstance(spec, NF4Spec):
+        model.is_loaded_in_4bit = True
     return originals
 
 
@@ -566,7 +575,7 @@ def _gptq_group(
     originals: dict[str, torch.Tensor] | None,
     prefix: str,
     stop_early: bool,
-) -> dict[str, QuantLinear]:
+) -> dict[str, nn.Module]:
     """Accumulate Hessians of ``group`` over all inputs and GPTQ-quantize its layers.
 
     Layers that read the same tensor (q/k/v, gate/up) share one Hessian, accumulated once. With ``stop_early`` the
@@ -607,17 +616,22 @@ def _gptq_group(
         seen.clear()
         for h in handles:
             h.remove()
-    quantized: dict[str, QuantLinear] = {}
+    quantized: dict[str, nn.Module] = {}
     for n, m in modules.items():
         gptq = gptqs[leader_of.get(n, n)]
         if gptq.hessian is None:
             raise SlimtuneError(f"layer {prefix}{n} received no input during calibration")
-        result = gptq.quantize(m.weight, spec, damp=damp, block_size=block_size, act_order=act_order)
         if originals is not None:
             originals[prefix + n] = m.weight.detach().to("cpu", copy=True)
-        new = QuantLinear.from_result(result, spec, m.bias, act_order=act_order,
-                                      dtype=m.weight.dtype, scale_dtype=scale_dtype)
-        m.weight.data = new.dequantized_weight(m.weight.dtype).to(m.weight.device)
+        if isinstance(spec, NF4Spec):
+            new = gptq_nf4_linear(m, gptq, spec, damp=damp, block_size=block_size, act_order=act_order,
+                                  name=prefix + n)
+            m.weight.data = nf4_dequantize(new).to(device=m.weight.device, dtype=m.weight.dtype)
+        else:
+            result = gptq.quantize(m.weight, spec, damp=damp, block_size=block_size, act_order=act_order)
+            new = QuantLinear.from_result(result, spec, m.bias, act_order=act_order,
+                                          dtype=m.weight.dtype, scale_dtype=scale_dtype)
+            m.weight.data = new.dequantized_weight(m.weight.dtype).to(m.weight.device)
         quantized[n] = new
     return quantized
 
@@ -772,29 +786,15 @@ def quantize_model_nf4(
 
     Marks ``model.is_loaded_in_4bit = True`` so PEFT dispatches its 4-bit LoRA layer.
     """
-    import bitsandbytes as bnb
-
     layers = find_linear_layers(model, targets, exclude)
     for name, module in layers.items():
         _check_float_linear(name, module, "NF4 quantization")
+    spec = NF4Spec(blocksize, compress_statistics, quant_type)
     originals: dict[str, torch.Tensor] | None = {} if keep_original else None
     for name, module in layers.items():
-        w = module.weight.detach()
         if originals is not None:
-            originals[name] = w.to("cpu", copy=True)
-        new = bnb.nn.Linear4bit(
-            module.in_features, module.out_features, bias=module.bias is not None,
-            compute_dtype=compute_dtype or w.dtype, compress_statistics=compress_statistics,
-            quant_type=quant_type, device="meta",
-        )
-        data = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
-        new.weight = bnb.nn.Params4bit(
-            data.to("cpu", copy=True), requires_grad=False, blocksize=blocksize,
-            compress_statistics=compress_statistics, quant_type=quant_type,
-        ).to(w.device)
-        if module.bias is not None:
-            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        _set_module(model, name, new)
+            originals[name] = module.weight.detach().to("cpu", copy=True)
+        _set_module(model, name, nf4_linear(module.weight, module.bias, spec, compute_dtype))
     model.is_loaded_in_4bit = True
     return originals
 
@@ -815,7 +815,6 @@ def lorc_nf4(
     ``original_weights``. Returns the ``peft.PeftModel`` (works on CPU).
     """
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_f
     from peft import LoraConfig, get_peft_model
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -824,7 +823,7 @@ def lorc_nf4(
     with torch.no_grad():
         for name, layer in layers.items():
             _check_rank(rank, (layer.out_features, layer.in_features), name)
-            deq = bnb_f.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            deq = nf4_dequantize(layer)
             w = original_weights[name].to(device=deq.device, dtype=torch.float32)
             if w.shape != deq.shape:
                 raise SlimtuneError(

@@ -1,8 +1,11 @@
-"""NF4/FP4 fake quantization through bitsandbytes (QLoRA's 4-bit formats)."""
+"""NF4/FP4 through bitsandbytes (QLoRA's 4-bit formats): fake quantization, layers, and GPTQ-chosen codes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_QUANT_TYPES = ("nf4", "fp4")
@@ -45,3 +48,86 @@ def nf4_fake_quantize(
         quant_type=quant_type,
     )
     return bnb_functional.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class NF4Spec:
+    """bitsandbytes 4-bit storage for GPTQ: code table ``quant_type``, one absmax per ``blocksize`` weights.
+
+    ``double_quant`` stores the absmax values in 8 bits (QLoRA's double quantization).
+    """
+
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_type: str = "nf4"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocksize, bool) or self.blocksize not in NF4_BLOCKSIZES:
+            valid = ", ".join(str(b) for b in NF4_BLOCKSIZES)
+            raise ValueError(f"blocksize={self.blocksize!r} is not supported; valid: {valid}")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant={self.double_quant!r} is not valid; valid: True or False")
+        if self.quant_type not in NF4_QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not supported; valid: {', '.join(NF4_QUANT_TYPES)}")
+
+
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: NF4Spec,
+               compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding ``weight`` rounded to nearest (bitsandbytes' own quantizer)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              compute_dtype=compute_dtype or weight.dtype, compress_statistics=spec.double_quant,
+                              quant_type=spec.quant_type, device="meta")
+    data = weight.detach()
+    data = data if data.dtype in (torch.float16, torch.bfloat16, torch.float32) else data.float()
+    # Params4bit quantizes when moved to an accelerator, or in place on the CPU.
+    layer.weight = bnb.nn.Params4bit(data.to("cpu", copy=True), requires_grad=False, blocksize=spec.blocksize,
+                                     compress_statistics=spec.double_quant, quant_type=spec.quant_type).to(weight.device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def nf4_dequantize(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes ``Linear4bit`` computes with."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+def nf4_block_absmax(layer: nn.Module) -> torch.Tensor:
+    """Per-block absmax of a ``Linear4bit`` as dequantization uses it (after double quantization), float32."""
+    import bitsandbytes.functional as bnb_functional
+
+    state = layer.weight.quant_state
+    if state.nested:
+        return (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    return state.absmax.float()
+
+
+@torch.no_grad()
+def gptq_nf4_linear(module: nn.Linear, gptq, spec: NF4Spec, damp: float = 0.01, block_size: int = 128,
+                    act_order: bool = False, name: str = "layer") -> nn.Module:
+    """GPTQ-quantize ``module`` into a bitsandbytes ``Linear4bit``: the storage is bitsandbytes' own, the codes GPTQ's.
+
+    bitsandbytes fixes the per-block absmax (computed from the float weight and double-quantized as usual); GPTQ
+    then picks each weight's 4-bit code with error feedback (:meth:`GPTQ.quantize_codebook`) instead of rounding
+    to nearest, so the layer loads, saves and trains like any QLoRA layer and only its codes differ. Written here
+    because bitsandbytes has no calibrated quantizer.
+    """
+    if module.in_features % spec.blocksize:
+        raise ValueError(f"layer {name} has in_features={module.in_features}, not a multiple of the NF4 block size "
+                         f"{spec.blocksize}; valid: a block size that divides it, or leave the layer out")
+    weight = module.weight.detach()
+    layer = nf4_linear(weight, module.bias, spec)
+    scale = nf4_block_absmax(layer).reshape(module.out_features, module.in_features // spec.blocksize)
+    # a block of zeros has absmax 0; any positive scale represents it (code 0.0 exists in both tables)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    state = layer.weight.quant_state
+    result = gptq.quantize_codebook(weight, state.code, scale, spec.blocksize, damp=damp, block_size=block_size,
+                                    act_order=act_order)
+    flat = result.codes.reshape(-1).to(layer.weight.device)
+    # bitsandbytes packs two codes per byte, the first in the high nibble, as a [n / 2, 1] uint8 tensor.
+    layer.weight.data = ((flat[0::2] << 4) | flat[1::2]).to(torch.uint8).reshape(-1, 1)
+    return layer
