@@ -19,6 +19,7 @@ layer's NF4 error (LoRC / one LoftQ step), so training starts at Q + BA ~= W ins
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import subprocess
@@ -32,28 +33,34 @@ import _common as C
 
 C.offline()
 
-VARIANTS = {"nf4": "nf4", "fp32": "none", "nf4_lorc": "none"}
+VARIANTS = {"nf4": "nf4", "fp32": "none", "nf4_lorc": "none", "gptq_nf4": "none", "gptq_nf4_lorc": "none"}
 # nf4_lorc: the float base quantized to the same NF4 (block 64, double quant) by slimtune's PostTrainingQuantization at
 # fit start, with the LoRA factors initialised to the rank-8 SVD of each layer's NF4 error (LoRC; LoftQ with one step).
 NF4_LORC = ["callbacks=[ptq_lorc_w3,perplexity]", "callbacks.ptq_lorc_w3.method=nf4", "callbacks.ptq_lorc_w3.bits=4",
             "callbacks.ptq_lorc_w3.group_size=64", "callbacks.ptq_lorc_w3.lorc_rank=8",
             "callbacks.ptq_lorc_w3.progress=false"]
+# gptq_nf4: the same NF4 storage (block 64, double quant), codes chosen by GPTQ on C4 calibration windows
+# (callbacks/ptq_gptq_nf4.yaml); gptq_nf4_lorc adds the rank-8 LoRC start on top of it.
+GPTQ_NF4 = ["callbacks=[ptq_gptq_nf4,perplexity]", "callbacks.ptq_gptq_nf4.progress=false"]
+GPTQ_NF4_LORC = [*GPTQ_NF4, "callbacks.ptq_gptq_nf4.lorc_rank=8"]
 
 
 def overrides(args, variant: str, out: str) -> list[str]:
+    calib = [f"callbacks.ptq_gptq_nf4.n_samples={args.calib}", f"callbacks.ptq_gptq_nf4.seq_len={args.calib_len}"]
+    PTQ = {"nf4_lorc": NF4_LORC, "gptq_nf4": GPTQ_NF4 + calib, "gptq_nf4_lorc": GPTQ_NF4_LORC + calib}
     return [
         f"model.quantization={VARIANTS[variant]}",
         f"trainer.max_steps={args.steps}",
-        f"trainer.val_check_interval={args.steps}",  # validate once, after the last step
+        f"trainer.val_check_interval={args.val_every or args.steps}",  # the held-out curve; the last point is final
         f"trainer.limit_val_batches={args.val_batches}",
         f"data.path={args.data}",
         f"data.block_size={args.block_size}",
         f"data.batch_size={args.batch_size}",
         f"seed={args.seed}",
-        "logger=none",
+        "logger=csv",  # val/loss at every validation, read back from logs/metrics.csv
         "trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
-        *(NF4_LORC if variant == "nf4_lorc" else ["callbacks=[perplexity]"]),  # held-out blocks scored before training
+        *PTQ.get(variant, ["callbacks=[perplexity]"]),  # held-out blocks scored before training
         f"callbacks.perplexity.max_windows={args.val_batches * args.batch_size}",
         "+callbacks.perplexity.at=[fit_start]",
         "+callbacks.perplexity.progress=false",
@@ -71,10 +78,16 @@ def child(args) -> dict:
     ov = overrides(args, args.child, out)
     started = time.perf_counter()
     report = run(compose_config(ov))
+    rows = csv.DictReader((Path(out) / "logs" / "metrics.csv").read_text().splitlines())
+    # Lightning's CSV rows carry the step index of the last optimizer step (0-based): +1 is the steps done
+    curve = {int(r["step"]) + 1: float(r["val/loss"]) for r in rows if r.get("val/loss")}
+    if max(curve) != args.steps or curve[args.steps] != report["val_loss"]:
+        raise SystemExit(f"validation curve {curve} does not end at step {args.steps} with {report['val_loss']}")
     return {
         "variant": args.child,
         "overrides": ov,
         "val_loss": report["val_loss"],
+        "val_loss_by_step": curve,
         "val_loss_before": math.log(report["eval_ppl_before"]) if report.get("eval_ppl_before") else None,
         "val_loss_fp_base": math.log(report["eval_ppl_before_quant"]) if report.get("eval_ppl_before_quant") else None,
         "val_loss_nf4_base": math.log(report["eval_ppl_after_quant"]) if report.get("eval_ppl_after_quant") else None,
@@ -93,10 +106,13 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--val-batches", type=int, default=10, help="held-out batches scored (x batch size blocks)")
+    p.add_argument("--val-every", type=int, default=0, help="validate every N steps too (0: only after the last)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data", default=C.DEFAULT_DATA)
+    p.add_argument("--calib", type=int, default=32, help="GPTQ-NF4 calibration windows (C4)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--out", default=str(C.RESULTS / "nf4_vs_fp32_lora.json"))
-    p.add_argument("--variants", default="nf4,fp32,nf4_lorc",
+    p.add_argument("--variants", default="fp32,nf4,gptq_nf4",
                    help="comma-separated; variants not run keep their result from --out (same settings)")
     args = p.parse_args()
     if args.child:
@@ -106,12 +122,19 @@ def main() -> None:
         raise SystemExit(f"data file {args.data!r} does not exist (set SLIMTUNE_DATA or --data)")
     log_dir = C.RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(Path(args.out).read_text()).get("runs", {}) if Path(args.out).is_file() else {}
-    runs = dict(previous)
+    settings = {"model": C.SMOLLM2, "lora": "r=8 alpha=16 dropout=0.05 all-linear",
+                "optimizer": "AdamW lr 2e-4 constant", "grad_clip": 0.3, "steps": args.steps,
+                "block_size": args.block_size, "batch_size": args.batch_size, "seed": args.seed,
+                "val_blocks": args.val_batches * args.batch_size, "data": args.data,
+                "gptq_nf4_calibration": f"{args.calib} x {args.calib_len} C4 tokens"}
+    stored = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    # variants not run now keep their stored result only if it was measured with the same settings
+    runs = dict(stored.get("runs", {})) if stored.get("settings") == settings else {}
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--block-size",
                str(args.block_size), "--batch-size", str(args.batch_size), "--val-batches", str(args.val_batches),
-               "--seed", str(args.seed), "--data", args.data]
+               "--val-every", str(args.val_every), "--seed", str(args.seed), "--data", args.data,
+               "--calib", str(args.calib), "--calib-len", str(args.calib_len)]
         log = log_dir / f"{Path(args.out).stem}_{variant}.log"
         with open(log, "w") as fh:
             rc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, cwd=str(C.ROOT)).returncode
@@ -119,36 +142,39 @@ def main() -> None:
         if rc != 0 or result is None:
             raise SystemExit(f"{variant} failed (exit {rc}); see {log}")
         runs[variant] = result
-        print(f"{variant:5s} val loss {result['val_loss']:.4f} (before training {result['val_loss_before']:.4f})  "
+        print(f"{variant:13s} val loss {result['val_loss']:.4f} (before training {result['val_loss_before']:.4f})  "
               f"{result['seconds']:.0f}s", flush=True)
-    nf4, fp32 = runs["nf4"]["val_loss"], runs["fp32"]["val_loss"]
-    rel = (nf4 - fp32) / fp32
+    if "fp32" not in runs:
+        raise SystemExit(f"no fp32 run with these settings in {args.out}; add fp32 to --variants")
+    fp32 = runs["fp32"]
+    fp32_curve = {str(k): v for k, v in fp32.get("val_loss_by_step", {}).items()}
+    comparisons = {}
+    for name, r in runs.items():
+        if name == "fp32":
+            continue
+        rel = (r["val_loss"] - fp32["val_loss"]) / fp32["val_loss"]
+        comparisons[name] = {
+            "val_loss": r["val_loss"],
+            "relative_difference": rel,
+            "relative_difference_before_training": (r["val_loss_before"] - fp32["val_loss_before"])
+            / fp32["val_loss_before"],
+            "relative_difference_by_step": {step: (loss - fp32_curve[str(step)]) / fp32_curve[str(step)]
+                                            for step, loss in r.get("val_loss_by_step", {}).items()
+                                            if str(step) in fp32_curve},
+            "meets_goal": abs(rel) <= 0.01,
+        }
     result = {
         "benchmark": "nf4_vs_fp32_lora",
         "command": "python " + " ".join([str(Path(__file__).relative_to(C.ROOT))] + sys.argv[1:]),
-        "settings": {"model": C.SMOLLM2, "lora": "r=8 alpha=16 dropout=0.05 all-linear",
-                     "optimizer": "AdamW lr 2e-4 constant", "grad_clip": 0.3, "steps": args.steps,
-                     "block_size": args.block_size, "batch_size": args.batch_size, "seed": args.seed,
-                     "val_blocks": args.val_batches * args.batch_size, "data": args.data},
+        "settings": settings,
         "runs": runs,
-        "val_loss_nf4": nf4,
-        "val_loss_nf4_lorc": runs.get("nf4_lorc", {}).get("val_loss"),
-        "relative_difference_nf4_lorc": ((runs["nf4_lorc"]["val_loss"] - fp32) / fp32) if "nf4_lorc" in runs else None,
-        "val_loss_fp32": fp32,
-        "relative_difference": rel,
-        "val_ppl_nf4": math.exp(nf4),
-        "val_ppl_fp32": math.exp(fp32),
-        "relative_difference_before_training": (runs["nf4"]["val_loss_before"] - runs["fp32"]["val_loss_before"])
-        / runs["fp32"]["val_loss_before"],
-        "goal": "|relative_difference| <= 0.01",
-        "meets_goal": abs(rel) <= 0.01,
-        "meets_goal_nf4_lorc": (abs(runs["nf4_lorc"]["val_loss"] - fp32) / fp32 <= 0.01) if "nf4_lorc" in runs else None,
+        "val_loss_fp32": fp32["val_loss"],
+        "comparisons": comparisons,
+        "goal": "|relative_difference| <= 0.01 (final held-out loss, NF4 QLoRA vs fp32 LoRA)",
         "env": C.environment(),
     }
     path = C.write_json(Path(args.out), result)
-    print(json.dumps({k: result[k] for k in ("val_loss_nf4", "val_loss_fp32", "relative_difference",
-                                             "relative_difference_before_training", "meets_goal", "val_loss_nf4_lorc",
-                                             "relative_difference_nf4_lorc", "meets_goal_nf4_lorc")}, indent=2))
+    print(json.dumps({"val_loss_fp32": fp32["val_loss"], "comparisons": comparisons}, indent=2))
     print(f"wrote {path}")
 
 
