@@ -1,19 +1,22 @@
 """Quality: NF4 QLoRA vs fp32 LoRA on SmolLM2-135M-Instruct, same data, steps and seed, through slimtune's run.
 
-    python benchmarks/nf4_vs_fp32_lora.py        # 40 steps each, ~1 h on a busy 2-core CPU
+    python benchmarks/nf4_vs_fp32_lora.py                       # 40 steps: fp32, nf4, gptq_nf4 (~20 min on 2 cores)
+    python benchmarks/nf4_vs_fp32_lora.py --steps 200 --val-every 40 \
+        --out benchmarks/results/nf4_vs_fp32_lora_200steps.json  # the held-out curve over 200 steps (~1 h)
 
-Each variant is `slimtune.run.run(compose_config([...]))` in its own subprocess, with `model.quantization=nf4`
-(double quant, fp32 compute) or `model.quantization=none` (fp32 base), LoRA r=8 alpha=16 dropout 0.05 on all linear
-layers, AdamW lr 2e-4, grad clip 0.3, on WikiText-2 validation text packed into blocks of 256 tokens (the last 10%
-held out), batch 2, seed 42. After the last step Lightning validates on the first `--val-batches` x 2 held-out blocks
-(`val/loss`, mean next-token NLL); the same blocks are also scored before training (`eval_ppl_before`). Goal: the
-final val losses within 1% of each other.
+Each variant is `slimtune.run.run(compose_config([...]))` in its own subprocess, LoRA r=8 alpha=16 dropout 0.05 on all
+linear layers, AdamW lr 2e-4, grad clip 0.3, on WikiText-2 validation text packed into blocks of 256 tokens (the last
+10% held out), batch 2, seed 42. Lightning validates on the first `--val-batches` x 2 held-out blocks (`val/loss`, mean
+next-token NLL) every `--val-every` steps and after the last; the same blocks are also scored before training
+(`eval_ppl_before`). Goal: the final val loss of NF4 QLoRA within 1% of fp32 LoRA's.
 
-A third variant, `nf4_lorc`, starts from the float base, quantizes it to the same NF4 (block 64, double quant) with
-slimtune's PostTrainingQuantization at fit start and initialises the LoRA factors (r=8) to the rank-8 SVD of each
-layer's NF4 error (LoRC / one LoftQ step), so training starts at Q + BA ~= W instead of Q.
-
-    python benchmarks/nf4_vs_fp32_lora.py --variants nf4_lorc   # one variant; the others keep their stored result
+Variants (all NF4 ones store the same bitsandbytes NF4, block 64, double quant, fp32 compute):
+  fp32           `model.quantization=none`: the float base.
+  nf4            `model.quantization=nf4`: bitsandbytes rounds each weight to nearest (QLoRA as published).
+  gptq_nf4       the float base quantized at fit start by `PostTrainingQuantization(method=gptq_nf4)`: the same
+                 block absmax scales, each 4-bit code chosen by GPTQ on `--calib` x `--calib-len` C4 tokens.
+  gptq_nf4_lorc  gptq_nf4 with the LoRA factors set to the rank-8 SVD of each layer's remaining error (LoRC).
+  nf4_lorc       round-to-nearest NF4 with that LoRC start.
 """
 
 from __future__ import annotations

@@ -25,6 +25,18 @@ def test_every_recipe_composes_and_resolves(name):
     assert cfg.model.finetune in ("lora", "full")
 
 
+@pytest.mark.parametrize("name", sorted(f.stem for f in (ROOT / "callbacks").glob("*.yaml")))
+def test_every_callback_preset_builds_its_callback(name, tmp_path):
+    from slimtune.run import build_callbacks
+
+    first = (ROOT / "callbacks" / f"{name}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) > 10  # each preset says what it does
+    cfg = compose(f"callbacks=[{name}]", "model.quantization=none", f"output_dir={tmp_path}", "logger=none",
+                  "trainer.enable_checkpointing=false")
+    built = build_callbacks(cfg)
+    assert [type(cb).__name__ for cb in built] == [cfg.callbacks[name]["_target_"].rsplit(".", 1)[1]]
+
+
 def test_qlora_13b_is_the_paper_setup():
     cfg = compose("recipe=qlora_13b")
     assert cfg.model.name_or_path == "meta-llama/Llama-2-13b-hf"

@@ -1,8 +1,8 @@
-"""Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ and NF4 fake quantization."""
+"""Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ, and bitsandbytes NF4 (incl. GPTQ-chosen codes)."""
 
 from slimtune.quant.compressed_tensors import save_compressed_tensors
 from slimtune.quant.export import load_quantized, save_quantized, stored_bits_per_parameter
-from slimtune.quant.gptq import GPTQ, GPTQResult, gptq_quantize_linear
+from slimtune.quant.gptq import GPTQ, CodebookResult, GPTQResult, gptq_quantize_linear
 from slimtune.quant.grid import (
     SUPPORTED_BITS,
     QuantSpec,
@@ -24,10 +24,12 @@ from slimtune.quant.model import (
     quantize_model_nf4,
     quantize_model_rtn,
 )
-from slimtune.quant.nf4 import nf4_fake_quantize
+from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_fake_quantize, nf4_linear
 
 __all__ = [
     "GPTQ",
+    "CodebookResult",
+    "NF4Spec",
     "QuantLinear",
     "add_lorc_adapters",
     "apply_lorc",
@@ -48,10 +50,12 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "fake_quantize",
+    "gptq_nf4_linear",
     "gptq_quantize_linear",
     "group_index",
     "lorc_factors",
     "lorc_init",
     "nf4_fake_quantize",
+    "nf4_linear",
     "quantize_to_grid",
 ]
