@@ -321,7 +321,7 @@ def _error_feedback_walk(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, q
     n_out, n_cols = W.shape
     codes = torch.zeros(n_out, n_cols, dtype=code_dtype, device=W.device)
     hinv_diag = Hinv.diagonal().tolist()
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float32, device=W.device)  # summed on the device: no sync per block
     for b1 in range(0, n_cols, block_size):
         b2 = min(b1 + block_size, n_cols)
         W1 = W[:, b1:b2]  # a view: in-block updates are visible to quantize_column (group fitting)
@@ -336,10 +336,10 @@ def _error_feedback_walk(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, q
             err.div_(hinv_diag[b1 + i])
             if i + 1 < b2 - b1:  # OBS update of the rest of the block (columns after i)
                 W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1.0)
-        loss += float(Err1.square().sum()) / 2
+        loss += Err1.square().sum() / 2
         if b2 < n_cols:  # lazy batch update: the whole block's error onto later columns, once
             W[:, b2:].addmm_(Err1, Hinv[b1:b2, b2:], alpha=-1.0)
-    return codes, loss
+    return codes, float(loss)
 
 
 def gptq_quantize_linear(
