@@ -1,6 +1,7 @@
 """Where the NF4-vs-fp32 loss gap of SmolLM2-135M comes from (a companion to nf4_vs_fp32_lora.py).
 
-    python benchmarks/nf4_gap_diagnosis.py       # ~10 min on 2 CPU cores
+    python benchmarks/nf4_gap_diagnosis.py                   # ~10 min on 2 CPU cores
+    python benchmarks/nf4_gap_diagnosis.py --by-layer-type   # which layers the gap comes from (~3 min)
 
 Scores the untrained base, no LoRA, on the same held-out WikiText-2 blocks nf4_vs_fp32_lora.py validates on (the first
 `--blocks` blocks of 256 tokens of slimtune's held-out tail), for:
@@ -14,6 +15,10 @@ Scores the untrained base, no LoRA, on the same held-out WikiText-2 blocks nf4_v
 It also reports the relative weight error ||W - dequant(W)|| / ||W|| of the NF4 layers, and the same for Gaussian
 weights of the same shapes and scale (NF4's design case). SmolLM2 here comes from a Q4_1 GGUF, so its weights already
 sit on another 4-bit grid (blocks of 32 with scale + min); the two errors show whether that makes NF4 worse than usual.
+
+`--by-layer-type` instead scores the fp32 model with only one layer type (q_proj, ..., down_proj) of every block
+rounded to NF4 + double quant (bitsandbytes quantize + dequantize: the weights a Linear4bit computes with), one type at
+a time, and with all of them; results/nf4_gap_by_layer_type.json.
 """
 
 from __future__ import annotations
@@ -92,6 +97,43 @@ def fp32_relative_errors(fp32_model, nf4_model) -> float:
     return sum(errors) / len(errors)
 
 
+def by_layer_type(args, blocks) -> None:
+    import torch
+
+    from slimtune.models.loading import load_base_model
+    from slimtune.quant import nf4_fake_quantize
+
+    model = load_base_model(C.smollm2_model_cfg(quantization="none"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    originals = {n: m.weight.data.clone() for n, m in linears.items()}
+
+    def loss_with_nf4(names):
+        for n in names:
+            linears[n].weight.data = nf4_fake_quantize(originals[n])
+        try:
+            return mean_loss(model, blocks, args.batch_size)
+        finally:
+            for n in names:
+                linears[n].weight.data = originals[n]
+
+    fp32 = mean_loss(model, blocks, args.batch_size)
+    types = sorted({n.rsplit(".", 1)[1] for n in linears})
+    increase = {}
+    for t in [*types, "all"]:
+        names = [n for n in linears if t == "all" or n.endswith("." + t)]
+        increase[t] = loss_with_nf4(names) - fp32
+        print(f"{t:10s} ({len(names):3d} layers) loss +{increase[t]:.4f}", flush=True)
+    result = {
+        "benchmark": "nf4_gap_by_layer_type",
+        "command": "python " + " ".join([str(Path(__file__).relative_to(C.ROOT))] + sys.argv[1:]),
+        "blocks": args.blocks, "block_size": args.block_size, "loss_fp32": fp32,
+        "loss_increase": increase,
+        "share_of_all": {t: v / increase["all"] for t, v in increase.items() if t != "all"},
+        "env": C.environment(),
+    }
+    print(f"wrote {C.write_json(C.RESULTS / 'nf4_gap_by_layer_type.json', result)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=20)
@@ -99,6 +141,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--data", default=C.DEFAULT_DATA)
     p.add_argument("--out", default=str(C.RESULTS / "nf4_gap_diagnosis.json"))
+    p.add_argument("--by-layer-type", action="store_true", help="the loss increase of NF4 on each layer type alone")
     args = p.parse_args()
 
     import torch
@@ -110,6 +153,9 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(C.smollm2_model_cfg())
     blocks = heldout_blocks(args, tokenizer)
+    if args.by_layer_type:
+        by_layer_type(args, blocks)
+        return
     losses, seconds = {}, {}
 
     def score(name, model):
