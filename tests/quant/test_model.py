@@ -380,3 +380,21 @@ def test_gptq_nf4_layer_width_not_a_multiple_of_the_block_is_refused(fp_model, c
                                             "of the NF4 block size 256; valid: a block size that divides it"):
         quantize_model_gptq(copy.deepcopy(fp_model), calib, NF4Spec(blocksize=256), targets=["down_proj"],
                             progress=False)
+
+
+def test_gptq_nf4_layer_with_an_all_zero_block_matches_what_bitsandbytes_computes():
+    from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_dequantize
+
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(128, 16, bias=False)
+    layer.weight.data = torch.randn(16, 128, generator=g)
+    layer.weight.data[:4, 64:] = 0.0  # pruned blocks, after columns whose error GPTQ feeds forward
+    x = torch.randn(256, 128, generator=g) @ torch.randn(128, 128, generator=g)
+    gptq = GPTQ(128)
+    gptq.add_batch(x)
+    # without double quant a zero block stores absmax exactly 0 (dividing by it would make NaN codes)
+    new = gptq_nf4_linear(layer, gptq, NF4Spec(blocksize=64, double_quant=False))
+    weight = nf4_dequantize(new)
+    assert torch.equal(weight[:4, 64:], torch.zeros(4, 64))
+    assert torch.isfinite(weight).all()
+    assert torch.linalg.matrix_norm(x @ (weight - layer.weight.data).T) < 0.2 * torch.linalg.matrix_norm(x @ layer.weight.data.T)

@@ -122,8 +122,9 @@ def gptq_nf4_linear(module: nn.Linear, gptq, spec: NF4Spec, damp: float = 0.01, 
     weight = module.weight.detach()
     layer = nf4_linear(weight, module.bias, spec)
     scale = nf4_block_absmax(layer).reshape(module.out_features, module.in_features // spec.blocksize)
-    # a block of zeros has absmax 0; any positive scale represents it (code 0.0 exists in both tables)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # A block of zeros has absmax ~0 and dequantizes to ~0 whatever its codes: a tiny scale tells GPTQ just that, so
+    # error fed into such a block stays error and moves on to the later columns.
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     state = layer.weight.quant_state
     result = gptq.quantize_codebook(weight, state.code, scale, spec.blocksize, damp=damp, block_size=block_size,
                                     act_order=act_order)
