@@ -344,3 +344,15 @@ def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
     trained = _logits(job.model)
     merged = AutoModelForCausalLM.from_pretrained(report["merged_dir"])
     assert (_logits(merged) - trained).abs().max() <= 1e-4 * trained.abs().max()
+
+
+def test_replacing_a_recipes_callbacks_names_the_orphaned_settings(tmp_path):
+    # lorc_w3_tiny sets callbacks.ptq_lorc_w3.*; a callbacks list without that preset leaves settings with no class
+    cfg = compose(*ptq_overrides(tmp_path, "callbacks=[ptq_gptq_nf4,perplexity]"))
+    with pytest.raises(SlimtuneError) as err:
+        prepare(cfg)
+    assert "callbacks.ptq_lorc_w3 has settings but no _target_" in str(err.value)
+    assert "~callbacks.ptq_lorc_w3" in str(err.value) and "\n" not in str(err.value)
+    assert not Path(cfg.output_dir).exists()
+    dropped = compose(*ptq_overrides(tmp_path, "callbacks=[ptq_gptq_nf4,perplexity]", "~callbacks.ptq_lorc_w3"))
+    assert "ptq_lorc_w3" not in dropped.callbacks

@@ -43,7 +43,10 @@ def build_callbacks(cfg: DictConfig) -> list:
         if node is None:
             continue
         if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise SlimtuneError(f"callbacks.{name} has no _target_; valid: a node with _target_: a callback class")
+            # typically a recipe sets callbacks.NAME.* and the command line replaced the callbacks list without NAME
+            raise SlimtuneError(f"callbacks.{name} has settings but no _target_ (its preset is not in the callbacks "
+                                f"list); valid: list {name} in callbacks=[...], drop it with ~callbacks.{name}, or give "
+                                "it a _target_ callback class")
         callbacks.append(_instantiate(node))
     ckpt = cfg.get("checkpoint") or {}
     if cfg.trainer.get("enable_checkpointing", True):
