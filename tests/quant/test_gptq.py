@@ -169,6 +169,12 @@ def _nearest(weight, table, scale, group_size):
     return (normalized[..., None] - table).abs().argmin(dim=-1)
 
 
+def gptq_codebook(weight, x, scale, act_order):
+    gptq = GPTQ(IN)
+    gptq.add_batch(x)
+    return gptq.quantize_codebook(weight, NF4_TABLE, scale, 24, act_order=act_order, block_size=16)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_codebook_gptq_beats_rounding_to_the_same_grid(layer, act_order):
     weight, x = layer
@@ -180,12 +186,6 @@ def test_codebook_gptq_beats_rounding_to_the_same_grid(layer, act_order):
     assert result.codes.dtype == torch.uint8 and int(result.codes.max()) < len(NF4_TABLE)
     assert torch.equal(result.dequantized_weight, NF4_TABLE[result.codes.long()] * scale.repeat_interleave(24, dim=1))
     assert (result.perm is not None) == act_order and result.loss > 0
-
-
-def gptq_codebook(weight, x, scale, act_order):
-    gptq = GPTQ(IN)
-    gptq.add_batch(x)
-    return gptq.quantize_codebook(weight, NF4_TABLE, scale, 24, act_order=act_order, block_size=16)
 
 
 def test_codebook_gptq_with_uncorrelated_inputs_rounds_to_nearest():

@@ -52,12 +52,12 @@ from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_mo
 from slimtune.data.calibration import calibration_batches, calibration_source
 from slimtune.errors import SlimtuneError, choices
 from slimtune.quant.model import is_linear_like, select_names
+from slimtune.quant.nf4 import NF4_BLOCKSIZES
 
 METHODS = ("rtn", "gptq", "nf4", "gptq_nf4")
 NF4_METHODS = ("nf4", "gptq_nf4")  # bitsandbytes Linear4bit layers
 CALIBRATED = ("gptq", "gptq_nf4")
 BITS = (2, 3, 4, 8)
-NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATE_VERSION = 1
 MOMENTS = ("before_quant", "after_quant", "after_lorc")

@@ -56,7 +56,7 @@ from slimtune.quant.gptq import GPTQ
 from slimtune.quant.grid import QuantSpec, dequantize_values, group_index, quantize_to_grid
 from slimtune.quant.layers import QuantLinear, register_quant_lora
 from slimtune.quant.lorc import lorc_factors
-from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_dequantize, nf4_linear
+from slimtune.quant.nf4 import NF4Spec, check_nf4_width, gptq_nf4_linear, nf4_dequantize, nf4_linear
 
 __all__ = [
     "add_lorc_adapters",
@@ -505,9 +505,8 @@ def quantize_model_gptq(
                 "them (exclude it, or quantize it with quantize_model_rtn)"
             )
         _check_float_linear(name, module, "GPTQ")
-        if isinstance(spec, NF4Spec) and module.in_features % spec.blocksize:
-            raise SlimtuneError(f"layer {name} has in_features={module.in_features}, not a multiple of the NF4 block "
-                                f"size {spec.blocksize}; valid: a block size that divides it, or exclude the layer")
+        if isinstance(spec, NF4Spec):  # before any calibration work
+            check_nf4_width(name, module.in_features, spec)
         per_block[int(m.group(1))].append(m.group(2))
     device = torch.device(device) if device is not None else None
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.errors import SlimtuneError
+
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_QUANT_TYPES = ("nf4", "fp4")
 
@@ -25,13 +27,9 @@ def nf4_fake_quantize(
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() == 0:
         desc = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight={desc} is not valid; valid: a floating tensor")
-    if isinstance(blocksize, bool) or blocksize not in NF4_BLOCKSIZES:
-        valid = ", ".join(str(b) for b in NF4_BLOCKSIZES)
-        raise ValueError(f"blocksize={blocksize!r} is not supported; valid: {valid}")
-    if quant_type not in NF4_QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r} is not supported; valid: {', '.join(NF4_QUANT_TYPES)}")
     if not isinstance(compress_statistics, bool):
         raise ValueError(f"compress_statistics={compress_statistics!r} is not valid; valid: True or False")
+    NF4Spec(blocksize, compress_statistics, quant_type)  # checks the block size and the type
     try:
         import bitsandbytes.functional as bnb_functional  # heavy import, only when used
     except ImportError as exc:
@@ -106,6 +104,13 @@ def nf4_block_absmax(layer: nn.Module) -> torch.Tensor:
     return state.absmax.float()
 
 
+def check_nf4_width(name: str, in_features: int, spec: NF4Spec) -> None:
+    """GPTQ-NF4 treats each block as a group of columns of one row: the block size must divide the layer's width."""
+    if in_features % spec.blocksize:
+        raise SlimtuneError(f"layer {name} has in_features={in_features}, not a multiple of the NF4 block size "
+                            f"{spec.blocksize}; valid: a block size that divides it, or exclude the layer")
+
+
 @torch.no_grad()
 def gptq_nf4_linear(module: nn.Linear, gptq, spec: NF4Spec, damp: float = 0.01, block_size: int = 128,
                     act_order: bool = False, name: str = "layer") -> nn.Module:
@@ -116,9 +121,7 @@ def gptq_nf4_linear(module: nn.Linear, gptq, spec: NF4Spec, damp: float = 0.01, 
     to nearest, so the layer loads, saves and trains like any QLoRA layer and only its codes differ. Written here
     because bitsandbytes has no calibrated quantizer.
     """
-    if module.in_features % spec.blocksize:
-        raise ValueError(f"layer {name} has in_features={module.in_features}, not a multiple of the NF4 block size "
-                         f"{spec.blocksize}; valid: a block size that divides it, or leave the layer out")
+    check_nf4_width(name, module.in_features, spec)
     weight = module.weight.detach()
     layer = nf4_linear(weight, module.bias, spec)
     scale = nf4_block_absmax(layer).reshape(module.out_features, module.in_features // spec.blocksize)
