@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -138,11 +139,55 @@ def fit(job: Job) -> Job:
     cfg = job.cfg
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg)
+    ckpt_file = resolve_ckpt_path(cfg)
+    if logger and ckpt_file is not None:
+        _keep_logged_rows(logger, ckpt_file)
     job.trainer = build_trainer(cfg, job.callbacks, logger)
     if logger:
         job.trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     return job
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint file `ckpt_path` names (`last`: <output_dir>/checkpoints/last.ckpt), or None."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    return Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+
+
+def _keep_logged_rows(logger, ckpt_file: Path) -> None:
+    """A resumed run keeps the CSV rows its checkpoint's steps logged before the interruption.
+
+    Lightning's CSV writer deletes an existing metrics.csv when it starts; the rows logged before the checkpoint's
+    step are read first and handed to the new writer, which writes them ahead of the resumed run's own rows (rows at or
+    after that step are logged again by the resumed steps).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not isinstance(logger, CSVLogger):
+        return
+    metrics_file = Path(logger.log_dir) / "metrics.csv"
+    if not metrics_file.is_file():
+        return
+    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    resumed_at = int(checkpoint.get("global_step", 0))
+    with metrics_file.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        keys = list(reader.fieldnames or [])
+        rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in reader]
+    kept = [row for row in rows if row.get("step") is not None and int(float(row["step"])) < resumed_at]
+    writer = logger.experiment  # creating the writer removes the old file
+    writer.metrics = [{k: _number(v) for k, v in row.items()} for row in kept] + writer.metrics
+    writer.metrics_keys = sorted(set(writer.metrics_keys) | set(keys))
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def finish(job: Job) -> dict[str, Any]:

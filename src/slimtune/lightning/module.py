@@ -97,12 +97,26 @@ class CausalLMModule(L.LightningModule):
                                     float(opt.get("eps", 1e-8)))
         from transformers import get_scheduler
 
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.scheduler_cfg.get("warmup_steps", 0) or 0) or int(
-            float(self.scheduler_cfg.get("warmup_ratio", 0.0) or 0.0) * total)
-        scheduler = get_scheduler(str(self.scheduler_cfg.get("name", "constant")), optimizer,
-                                  num_warmup_steps=warmup, num_training_steps=total)
+        name = str(self.scheduler_cfg.get("name", "constant"))
+        warmup_steps = int(self.scheduler_cfg.get("warmup_steps", 0) or 0)
+        warmup_ratio = float(self.scheduler_cfg.get("warmup_ratio", 0.0) or 0.0)
+        needs_total = name in ("cosine", "linear") or (name == "constant_with_warmup" and not warmup_steps and warmup_ratio)
+        total = self._total_steps() if needs_total else 0
+        warmup = warmup_steps or int(warmup_ratio * total)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total or None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise SlimtuneError(f"scheduler.name={self.scheduler_cfg.get('name')!r} needs a known length; valid: set "
+                                "trainer.max_steps or trainer.max_epochs, or scheduler.name=constant")
+        if trainer.ckpt_path is not None and trainer.max_epochs not in (None, -1):
+            # Counting epochs made Lightning build the training loader before the checkpoint is restored, and it
+            # would then never receive the loader's saved position: drop it, so fit builds it again after restoring.
+            trainer.fit_loop._combined_loader = None
+        return int(total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.trainable_only:
