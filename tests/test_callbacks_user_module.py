@@ -83,9 +83,10 @@ def loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
 
 
-def fit(module: L.LightningModule, callbacks: list, steps: int = 2) -> L.Trainer:
+def fit(module: L.LightningModule, callbacks: list, steps: int = 2, root=None) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=root)
     trainer.fit(module, loader())
     return trainer
 
@@ -100,7 +101,7 @@ def one_line_error(err: pytest.ExceptionInfo) -> str:
 
 
 @pytest.mark.parametrize("form", ["found", "name", "object", "dotted"])
-def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_tokenizer):
+def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_tokenizer, tmp_path):
     lm = tiny_lora_llama()
     module = UserLM(lm, gpt2_tokenizer, nest=form == "dotted")
     model_arg = {"found": None, "name": "lm", "object": lm, "dotted": "wrapper.lm"}[form]
@@ -114,7 +115,7 @@ def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_
     ppl = PerplexityEvaluation(text=TEXT, seq_len=32, max_windows=2, progress=False, model=model_arg)
     stats = CompressionStats(verbose=False, model=model_arg)
     monitor = ActivationOutlierMonitor(every_n_steps=1, plot=False, verbose=False, model=model_arg)
-    fit(module, [ptq, ppl, stats, monitor])
+    fit(module, [ptq, ppl, stats, monitor], root=tmp_path)
 
     # PerplexityEvaluation measured the LM: its float perplexity is the one computed here, and all are finite.
     assert ppl.results["before_quant"]["ppl"] == pytest.approx(expected_ppl, rel=1e-5)
@@ -130,6 +131,7 @@ def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_
     # ActivationOutlierMonitor watched exactly the LM's linear layers, named as the LM names them.
     rows = monitor.summary()
     assert {r["layer"] for r in rows} == lm_linears and all(r["calls"] > 0 for r in rows)
+    assert (tmp_path / "outliers.csv").is_file()  # the table of a Trainer without loggers: in default_root_dir
 
 
 def test_perplexity_of_a_plain_model_under_another_name_trains(gpt2_tokenizer):
