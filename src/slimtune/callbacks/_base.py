@@ -1,13 +1,28 @@
-"""A base class that both Lightning packages accept.
+"""What slimtune's callbacks share: a base class both Lightning packages accept, finding the model and tokenizer in a
+user's LightningModule, and one-line checks of callback arguments.
 
 Lightning ships twice: `lightning.pytorch` (the unified package) and `pytorch_lightning`, and each Trainer refuses
 callbacks derived from the other's `Callback`. The two classes are the same code, so slimtune's callbacks derive from
 every one that is installed and work in either Trainer.
+
+The model a callback works on is found by `resolve_model`: the callback's `model=` argument (an `nn.Module`, or the
+name / dotted path of an attribute of the LightningModule), else `pl_module.model`, else the only transformers
+`PreTrainedModel` or PEFT `PeftModel` the LightningModule holds directly; anything else is a one-line SlimtuneError
+saying where to put the model. Callbacks call it once per fit, through `SlimtuneCallback.model_for`.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+import weakref
+from collections.abc import Sequence
 from typing import Any
+
+from torch import nn
+
+from slimtune.errors import SlimtuneError
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -29,12 +44,250 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-SlimtuneCallback: type = type("SlimtuneCallback", _callback_bases(), {"__module__": __name__, "__doc__": __doc__})
+# --------------------------------------------------------------------------- showing values in messages
 
 
-def unwrap_model(pl_module: Any):
-    """The Hugging Face model inside a LightningModule (`.model`), or the module itself."""
-    return getattr(pl_module, "model", pl_module)
+def show(value: Any) -> str:
+    """A value as an error message names it: literals as repr, anything else (a module, a tensor) by its type, so
+    the message stays one short line."""
+    if value is None or isinstance(value, (str, bool, numbers.Number, os.PathLike)):
+        text = repr(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    elif isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (str, bool, numbers.Number)) for v in value):
+        text = repr(list(value))
+    else:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- finding the model
+
+
+def _hf_model_types() -> tuple[type, ...]:
+    """transformers' PreTrainedModel and PEFT's PeftModel: the models a LightningModule may hold under any name."""
+    types: list[type] = []
+    try:
+        from transformers import PreTrainedModel
+
+        types.append(PreTrainedModel)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from peft import PeftModel
+
+        types.append(PeftModel)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _held_modules(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules a LightningModule holds directly: its registered children, then modules kept as plain attributes
+    (e.g. a frozen teacher stored with `self.__dict__[...]` so it stays out of `parameters()`); each module once."""
+    found: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    attributes = [(n, v) for n, v in vars(pl_module).items() if isinstance(v, nn.Module)]
+    for name, module in [*pl_module.named_children(), *attributes]:
+        if id(module) not in seen:
+            seen.add(id(module))
+            found.append((name, module))
+    return found
+
+
+def _where_to_put_it(owner: str) -> str:
+    return (f"store it as self.model, pass model='<attribute>' (or model=<the nn.Module>) to {owner}, or hold exactly "
+            "one transformers PreTrainedModel / PEFT PeftModel as an attribute")
+
+
+def _model_at(pl_module: nn.Module, path: str, owner: str) -> nn.Module:
+    owner_type = type(pl_module).__name__
+    target: Any = pl_module
+    for depth, part in enumerate(path.split(".")):
+        if not hasattr(target, part):
+            where = owner_type if depth == 0 else f"{owner_type}.{'.'.join(path.split('.')[:depth])}"
+            held = ", ".join(repr(n) for n, _ in _held_modules(pl_module)) or "none"
+            raise SlimtuneError(f"{owner} model={path!r}: {where} has no attribute {part!r}; valid: an attribute of "
+                                f"{owner_type} holding the model (modules it holds: {held})")
+        target = getattr(target, part)
+    if not isinstance(target, nn.Module):
+        raise SlimtuneError(f"{owner} model={path!r}: {owner_type}.{path} is a {type(target).__name__}, not an "
+                            "nn.Module; valid: the attribute that holds the model")
+    return target
+
+
+def resolve_model(pl_module: Any, model: Any = None, owner: str = "slimtune callback") -> nn.Module:
+    """The model a callback works on inside `pl_module` (see the module docstring); a one-line SlimtuneError else.
+
+    `model` is the callback's `model=` argument: None (look it up), an attribute name or dotted path of `pl_module`
+    (`"lm"`, `"wrapper.lm"`), or the `nn.Module` itself, which must be `pl_module` or held by it (a model from another
+    LightningModule instance would be measured or quantized instead of the one being trained).
+    """
+    owner_type = type(pl_module).__name__
+    if isinstance(model, str):
+        return _model_at(pl_module, model, owner)
+    if isinstance(model, nn.Module):
+        held = (model is pl_module or any(m is model for m in pl_module.modules())
+                or any(v is model for v in vars(pl_module).values()))
+        if not held:
+            raise SlimtuneError(f"{owner} model=<{type(model).__name__}> is not held by the {owner_type} being fit; "
+                                f"valid: the model that {owner_type} instance holds, or model='<its attribute name>'")
+        return model
+    hf_types = _hf_model_types()
+    if hf_types and isinstance(pl_module, hf_types):  # called with the model itself, outside a LightningModule
+        return pl_module
+    direct = getattr(pl_module, "model", None)
+    if isinstance(direct, nn.Module):
+        return direct
+    candidates = [(n, m) for n, m in _held_modules(pl_module) if hf_types and isinstance(m, hf_types)]
+    # a base model also held inside a PEFT model held beside it (`self.base`, `self.lm = get_peft_model(self.base)`)
+    # is the same model: the outermost one stands for it
+    candidates = [(n, m) for n, m in candidates
+                  if not any(other is not m and any(x is m for x in other.modules()) for _, other in candidates)]
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if not candidates:
+        raise SlimtuneError(f"{owner} found no model in {owner_type}: {_where_to_put_it(owner)}")
+    named = ", ".join(f"{n} ({type(m).__name__})" for n, m in candidates)
+    options = " or ".join(f"model={n!r}" for n, _ in candidates)
+    raise SlimtuneError(f"{owner} found {len(candidates)} models in {owner_type}: {named}; valid: pass {options} to "
+                        f"{owner}, or store the one it should use as self.model")
+
+
+def check_model_arg(model: Any, owner: str) -> Any:
+    """`model=` of a callback: None, an attribute name / dotted path, or an nn.Module."""
+    if model is None or isinstance(model, nn.Module):
+        return model
+    if isinstance(model, str) and model and all(part.isidentifier() for part in model.split(".")):
+        return model
+    raise SlimtuneError(f"{owner} model={show(model)} is not valid; valid: null (find self.model or the only "
+                        "transformers/PEFT model), an attribute name or dotted path such as 'lm', or an nn.Module")
+
+
+# --------------------------------------------------------------------------- finding the tokenizer
+
+
+def check_tokenizer_arg(tokenizer: Any, owner: str) -> Any:
+    """`tokenizer=` of a callback: None, a path or hub name, or a tokenizer object (callable on text)."""
+    if tokenizer is None or callable(tokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer):
+        return os.fspath(tokenizer)
+    raise SlimtuneError(f"{owner} tokenizer={show(tokenizer)} is not valid; valid: null (use the LightningModule's "
+                        "self.tokenizer), a tokenizer, or a path / hub name AutoTokenizer.from_pretrained loads")
+
+
+def load_tokenizer(source: str, owner: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlimtuneError(f"{owner} tokenizer={source!r} could not be loaded ({first}); valid: a folder with a "
+                            "tokenizer, or a hub name that is cached (no network here)") from None
+
+
+def resolve_tokenizer(pl_module: Any, tokenizer: Any = None, owner: str = "slimtune callback",
+                      purpose: str = "", required: bool = True):
+    """The callback's `tokenizer=` (an object, or a path loaded with AutoTokenizer), else `pl_module.tokenizer`;
+    None when `required` is false and there is none, else a one-line SlimtuneError saying where to put it."""
+    found = tokenizer if tokenizer is not None else getattr(pl_module, "tokenizer", None)
+    if isinstance(found, (str, os.PathLike)):
+        found = load_tokenizer(os.fspath(found), owner)
+    if found is None and required:
+        why = f" {purpose}" if purpose else ""
+        raise SlimtuneError(f"{owner} needs a tokenizer{why} and found none: pass tokenizer=<a tokenizer or its path> "
+                            f"to {owner}, or store it as self.tokenizer in {type(pl_module).__name__}")
+    return found
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_bool(value: Any, key: str, owner: str) -> bool:
+    if not isinstance(value, bool):
+        raise SlimtuneError(f"{owner} {key}={show(value)} is not valid; valid: true, false")
+    return value
+
+
+def check_int(value: Any, key: str, owner: str, low: int, none_ok: bool = False) -> int | None:
+    """An int >= `low` (bools, floats and strings refused), or None when `none_ok`."""
+    if value is None and none_ok:
+        return None
+    if not _is_int(value) or value < low:
+        valid = ("a positive int" if low == 1 else f"an int >= {low}") + (", or null" if none_ok else "")
+        raise SlimtuneError(f"{owner} {key}={show(value)} is not valid; valid: {valid}")
+    return int(value)
+
+
+def check_number(value: Any, key: str, owner: str, low: float, high: float | None = None,
+                 low_open: bool = True, high_open: bool = True) -> float:
+    """A finite number in the given interval (bools and strings refused)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        if high is None:
+            valid = ("a positive number" if low == 0 else f"a number > {low:g}") if low_open else f"a number >= {low:g}"
+        else:
+            valid = f"a number in {left}{low:g}, {high:g}{right}"
+        raise SlimtuneError(f"{owner} {key}={show(value)} is not valid; valid: {valid}")
+    return float(value)
+
+
+def check_name(value: Any, key: str, owner: str) -> str:
+    """A metric prefix: a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise SlimtuneError(f"{owner} {key}={show(value)} is not valid; valid: a non-empty string (a metric prefix)")
+    return value
+
+
+def check_path(value: Any, key: str, owner: str) -> str | None:
+    """None or a non-empty path string."""
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return os.fspath(value)
+    raise SlimtuneError(f"{owner} {key}={show(value)} is not valid; valid: a path, or null")
+
+
+def is_sequence(value: Any) -> bool:
+    """A list-like value (list, tuple, Hydra ListConfig), not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class SlimtuneCallback(*_callback_bases()):
+    """Base of slimtune's callbacks: a Callback of every installed Lightning package, with one way to find the model.
+
+    A subclass stores its `model=` argument as `self.model` (checked with `check_model_arg`) and asks for the model
+    with `model_for(pl_module)`, first in its `on_fit_start`.
+    """
+
+    model: Any = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._found = None  # each fit looks again: the LightningModule may be another one, or hold another model
+
+    def model_for(self, pl_module) -> nn.Module:
+        """The model this callback works on in `pl_module`, found once per fit (by whichever hook asks first)."""
+        found = getattr(self, "_found", None)
+        if found is not None and found[0]() is pl_module and found[1]() is not None:
+            return found[1]()
+        model = self.find_model(pl_module)
+        self._found = (weakref.ref(pl_module), weakref.ref(model))  # weak: a kept callback does not keep the model
+        return model
+
+    def find_model(self, pl_module) -> nn.Module:
+        """The single place a callback resolves its model (`resolve_model`); anything every callback must do to the
+        model it works on belongs here."""
+        return resolve_model(pl_module, self.model, owner=type(self).__name__)
 
 
 def log_to_loggers(trainer, metrics: dict[str, float]) -> None:

@@ -38,7 +38,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
+from slimtune.callbacks._base import (
+    SlimtuneCallback,
+    check_bool,
+    check_int,
+    check_model_arg,
+    check_name,
+    check_number,
+    is_sequence,
+    log_to_loggers,
+    show,
+)
 from slimtune.errors import SlimtuneError
 from slimtune.quant.model import is_linear_like, select_names
 
@@ -141,10 +151,17 @@ class ActivationOutlierMonitor(SlimtuneCallback):
 
     Args:
         patterns: `all-linear` or name patterns (a name equal to the pattern, ending in `"." + pattern`, or matching it
-            as a full regex); a pattern matching no layer raises SlimtuneError. exclude: patterns left out.
-        threshold: |x| above which a channel is an outlier (6.0). every_n_steps: training steps between samples.
-        share_level, ratio_level: a layer is at risk above this outlier share or max/median ratio.
-        name: prefix of the logged metrics. plot: save `outliers.png` at fit end if matplotlib is importable.
+            as a full regex); a pattern matching no layer raises SlimtuneError.
+        exclude: patterns of layers left out.
+        threshold: |x| above which a channel is an outlier (6.0).
+        every_n_steps: a sample every this many optimizer steps (the first at step 0).
+        share_level, ratio_level: a layer is at risk above this outlier share (in [0, 1)) or max/median ratio.
+        name: prefix of the logged metrics and of the W&B table; also this callback's checkpoint state key.
+        plot: save `outliers.png` at fit end if matplotlib is importable.
+        verbose: print one line at train start naming how many layers are watched.
+        model: the model to watch in a Trainer: an `nn.Module`, or the name / dotted path of the LightningModule's
+            attribute holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it
+            holds. (Standalone, `attach(model)` takes the model.)
     """
 
     def __init__(
@@ -158,31 +175,33 @@ class ActivationOutlierMonitor(SlimtuneCallback):
         name: str = "outliers",
         plot: bool = True,
         verbose: bool = True,
+        model: Any = None,
     ):
+        owner = "ActivationOutlierMonitor"
         if isinstance(patterns, str):
             if not patterns:
                 raise SlimtuneError("ActivationOutlierMonitor patterns='' is not valid; valid: all-linear or name patterns")
-        elif not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise SlimtuneError(f"ActivationOutlierMonitor patterns={patterns!r} is not valid; valid: all-linear or a non-empty list of name patterns")
+        elif not is_sequence(patterns) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise SlimtuneError(f"ActivationOutlierMonitor patterns={show(patterns)} is not valid; valid: all-linear or a non-empty list of name patterns")
+        if exclude is not None and not isinstance(exclude, str) and not is_sequence(exclude):
+            raise SlimtuneError(f"ActivationOutlierMonitor exclude={show(exclude)} is not valid; valid: a list of name patterns")
         exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
-        if not all(isinstance(p, str) for p in exclude):
-            raise SlimtuneError(f"ActivationOutlierMonitor exclude={exclude!r} is not valid; valid: a list of name patterns")
-        for key, value in (("threshold", threshold), ("ratio_level", ratio_level)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise SlimtuneError(f"ActivationOutlierMonitor {key}={value!r} is not valid; valid: a positive number")
-        if isinstance(share_level, bool) or not isinstance(share_level, (int, float)) or not 0 <= share_level < 1:
-            raise SlimtuneError(f"ActivationOutlierMonitor share_level={share_level!r} is not valid; valid: a number in [0, 1)")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise SlimtuneError(f"ActivationOutlierMonitor every_n_steps={every_n_steps!r} is not valid; valid: a positive int")
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise SlimtuneError(f"ActivationOutlierMonitor exclude={show(exclude)} is not valid; valid: a list of name patterns")
+        threshold = check_number(threshold, "threshold", owner, 0)
+        ratio_level = check_number(ratio_level, "ratio_level", owner, 0)
+        share_level = check_number(share_level, "share_level", owner, 0, 1, low_open=False)
+        every_n_steps = check_int(every_n_steps, "every_n_steps", owner, 1)
         self.patterns = patterns if isinstance(patterns, str) else list(patterns)
         self.exclude = exclude
         self.threshold = float(threshold)
         self.every_n_steps = every_n_steps
         self.share_level = float(share_level)
         self.ratio_level = float(ratio_level)
-        self.name = name
-        self.plot = plot
-        self.verbose = verbose
+        self.name = check_name(name, "name", owner)
+        self.plot = check_bool(plot, "plot", owner)
+        self.verbose = check_bool(verbose, "verbose", owner)
+        self.model = check_model_arg(model, owner)
         self.stats: dict[str, _LayerStats] = {}
         self.warned: set[str] = set()
         self.active = False
@@ -291,9 +310,14 @@ class ActivationOutlierMonitor(SlimtuneCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.model_for(pl_module)  # a model that cannot be found fails at fit start, before the sanity check
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._in_trainer = True
-        self.attach(unwrap_model(pl_module), active=False)  # after fit-start hooks (PTQ may have swapped layers)
+        self.attach(self.model_for(pl_module), active=False)  # after fit-start hooks (PTQ may have swapped layers)
+        if self.verbose and trainer.is_global_zero:
+            print(f"[slimtune] watching the inputs of {len(self._order)} linear layers every {self.every_n_steps} steps")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.active = trainer.global_step % self.every_n_steps == 0

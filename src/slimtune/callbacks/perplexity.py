@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
-from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
+from slimtune.callbacks._base import (
+    SlimtuneCallback,
+    check_bool,
+    check_int,
+    check_model_arg,
+    check_name,
+    check_path,
+    check_tokenizer_arg,
+    is_sequence,
+    log_to_loggers,
+    resolve_tokenizer,
+    show,
+)
 from slimtune.errors import SlimtuneError
 from slimtune.eval.perplexity import perplexity, read_eval_text, tokenize_eval_text
 
 _MOMENTS = ("fit_start", "fit_end")
+
+
+def _check_causal_lm(model) -> None:
+    """Perplexity calls `model(input_ids=...).logits` (a transformers causal LM does); say so before a deep TypeError."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature: let the call decide
+        return
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if "input_ids" not in parameters and not takes_kwargs:
+        raise SlimtuneError(
+            f"PerplexityEvaluation needs a causal LM called as model(input_ids=...) returning .logits; "
+            f"{type(model).__name__}.forward takes ({', '.join(parameters)}); valid: a transformers / PEFT model "
+            "(pass model='<attribute>' to choose it)"
+        )
 
 
 class PerplexityEvaluation(SlimtuneCallback):
@@ -20,6 +48,20 @@ class PerplexityEvaluation(SlimtuneCallback):
     datamodule's held-out split (`trainer.datamodule.heldout_token_ids()`). The tokenizer is `tokenizer` (an object or a
     path) or `pl_module.tokenizer`. Results land in `self.results` ({"before": {...}, "after": {...}}), in every
     logger as `<name>/ppl_before` and `<name>/ppl_after`, and in checkpoints, so a resumed run keeps its "before".
+
+    Args:
+        path: a text file to measure (its lines joined as the GPTQ papers do); not with `text`.
+        text: the text itself; not with `path`. Neither: the datamodule's held-out split.
+        tokenizer: a tokenizer or a path / hub name (default `pl_module.tokenizer`); only for `path` / `text`.
+        seq_len: tokens per window (an int > 1); default the model's context, at most 2048 (and at most the
+            datamodule's `block_size` for the held-out split).
+        max_windows: measure at most this many windows (None: all).
+        batch_size: windows per forward pass.
+        at: when to measure: `fit_start`, `fit_end`, or both (a list).
+        name: prefix of the logged metrics (`<name>/ppl_before`) and of this callback's checkpoint state.
+        progress: show a progress bar.
+        model: the model to measure: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
+            holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
     """
 
     def __init__(
@@ -30,30 +72,32 @@ class PerplexityEvaluation(SlimtuneCallback):
         seq_len: int | None = None,
         max_windows: int | None = None,
         batch_size: int = 1,
-        at: tuple[str, ...] | list[str] = _MOMENTS,
+        at: str | tuple[str, ...] | list[str] = _MOMENTS,
         name: str = "eval",
         progress: bool = True,
+        model: Any = None,
     ):
+        owner = "PerplexityEvaluation"
         if path is not None and text is not None:
             raise SlimtuneError("PerplexityEvaluation takes path or text, not both")
-        if seq_len is not None and int(seq_len) <= 1:
-            raise SlimtuneError(f"PerplexityEvaluation seq_len={seq_len} is not valid; valid: an integer > 1 or None")
-        if max_windows is not None and int(max_windows) <= 0:
-            raise SlimtuneError(f"PerplexityEvaluation max_windows={max_windows} is not valid; valid: a positive integer or None")
-        if int(batch_size) <= 0:
-            raise SlimtuneError(f"PerplexityEvaluation batch_size={batch_size} is not valid; valid: a positive integer")
-        bad = [m for m in at if m not in _MOMENTS]
-        if bad:
-            raise SlimtuneError(f"PerplexityEvaluation at={bad} is not valid; valid: {', '.join(_MOMENTS)}")
+        check_path(path, "path", owner)
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise SlimtuneError(f"PerplexityEvaluation text={show(text)} is not valid; valid: a non-empty string, or null")
+        moments = [at] if isinstance(at, str) else list(at) if is_sequence(at) else None
+        if not moments or not all(isinstance(m, str) for m in moments) or any(m not in _MOMENTS for m in moments):
+            bad = [m for m in moments if m not in _MOMENTS] if moments else at
+            raise SlimtuneError(f"PerplexityEvaluation at={show(bad)} is not valid; valid: {', '.join(_MOMENTS)} "
+                                "(one, or a list of them)")
         self.text = read_eval_text(path) if path is not None else text
         self.path = path
-        self.tokenizer = tokenizer
-        self.seq_len = int(seq_len) if seq_len is not None else None
-        self.max_windows = int(max_windows) if max_windows is not None else None
-        self.batch_size = int(batch_size)
-        self.at = tuple(at)
-        self.name = name
-        self.progress = progress
+        self.tokenizer = check_tokenizer_arg(tokenizer, owner)
+        self.seq_len = check_int(seq_len, "seq_len", owner, 2, none_ok=True)
+        self.max_windows = check_int(max_windows, "max_windows", owner, 1, none_ok=True)
+        self.batch_size = check_int(batch_size, "batch_size", owner, 1)
+        self.at = tuple(moments)
+        self.name = check_name(name, "name", owner)
+        self.progress = check_bool(progress, "progress", owner)
+        self.model = check_model_arg(model, owner)
         self.results: dict[str, dict[str, float]] = {}
         self._token_ids: torch.Tensor | None = None
 
@@ -62,13 +106,9 @@ class PerplexityEvaluation(SlimtuneCallback):
         return self._generate_state_key(name=self.name)
 
     def _tokenizer(self, pl_module):
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if tokenizer is None:
-            raise SlimtuneError("PerplexityEvaluation needs a tokenizer: pass tokenizer=... or set pl_module.tokenizer")
+        tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "PerplexityEvaluation", "to tokenize its text")
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = tokenizer  # a path is loaded once
         return tokenizer
 
     def token_ids(self, trainer, pl_module) -> torch.Tensor:
@@ -91,7 +131,8 @@ class PerplexityEvaluation(SlimtuneCallback):
         return int(min(getattr(config, "max_position_embeddings", 2048) or 2048, 2048))
 
     def evaluate(self, trainer, pl_module, moment: str) -> dict[str, float]:
-        model = unwrap_model(pl_module)
+        model = self.model_for(pl_module)
+        _check_causal_lm(model)
         seq_len = self._seq_len(model)
         ids = self.token_ids(trainer, pl_module)
         if self.text is None:  # held-out blocks: windows no longer than one block
@@ -103,6 +144,8 @@ class PerplexityEvaluation(SlimtuneCallback):
         return result
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        model = self.model_for(pl_module)  # a model that cannot be found fails here, before any work
+        _check_causal_lm(model)
         # A resumed run keeps its first measurement: it comes back with the checkpoint (before or after this hook).
         resuming = getattr(trainer, "ckpt_path", None) is not None
         if "fit_start" in self.at and "before" not in self.results and not resuming:

@@ -1,7 +1,8 @@
 """Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4) of the frozen base, with LoRC-initialised LoRA, before fine-tuning.
 
-`PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`pl_module.model`): a PEFT LoRA
-model (LoRA layers wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
+`PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`model=`, else `pl_module.model`,
+else its only transformers / PEFT model; see `slimtune.callbacks._base.resolve_model`): a PEFT LoRA model (LoRA layers
+wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
 
 1. Calibration (GPTQ and GPTQ-NF4; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
    any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a
@@ -48,7 +49,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.callbacks._base import SlimtuneCallback, log_to_loggers, unwrap_model
+from slimtune.callbacks._base import (
+    SlimtuneCallback,
+    check_bool,
+    check_model_arg,
+    check_path,
+    check_tokenizer_arg,
+    is_sequence,
+    log_to_loggers,
+    resolve_tokenizer,
+    show,
+)
 from slimtune.data.calibration import calibration_batches, calibration_source
 from slimtune.errors import SlimtuneError, choices
 from slimtune.quant.model import is_linear_like, select_names
@@ -279,8 +290,11 @@ class PostTrainingQuantization(SlimtuneCallback):
         n_samples, seq_len, seed: calibration windows (GPTQ: 128 x 2048 from C4, seed 0).
         lorc_rank: LoRC rank (None or 0: no LoRC); at most the LoRA r of the model. lorc_iters: LoftQ alternations.
         double_quant: NF4 double quantization of the block scales. scale_dtype: dtype of QuantLinear scales.
-        tokenizer: a tokenizer or a path (default `pl_module.tokenizer`).
+        tokenizer: a tokenizer or a path (default `pl_module.tokenizer`); needed by the calibrated methods.
         export_dir: also write the quantized model (`save_quantized`, adapter included) there at fit end.
+        progress: progress bars over blocks / layers. verbose: print one line when the base is quantized or restored.
+        model: the model to quantize: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
+            holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
     """
 
     def __init__(
@@ -306,43 +320,47 @@ class PostTrainingQuantization(SlimtuneCallback):
         export_dir: str | None = None,
         progress: bool = True,
         verbose: bool = True,
+        model: Any = None,
     ):
-        if method not in METHODS:
-            raise SlimtuneError(f"PostTrainingQuantization method={method!r} is not valid; valid: {choices(METHODS)}")
+        owner = "PostTrainingQuantization"
+        if not isinstance(method, str) or method not in METHODS:
+            raise SlimtuneError(f"PostTrainingQuantization method={show(method)} is not valid; valid: {choices(METHODS)}")
         if not _is_int(bits) or bits not in BITS:
-            raise SlimtuneError(f"PostTrainingQuantization bits={bits!r} is not valid; valid: {choices(BITS)}")
+            raise SlimtuneError(f"PostTrainingQuantization bits={show(bits)} is not valid; valid: {choices(BITS)}")
         if group_size is not None and (not _is_int(group_size) or group_size <= 0):
-            raise SlimtuneError(f"PostTrainingQuantization group_size={group_size!r} is not valid; valid: a positive int or null")
+            raise SlimtuneError(f"PostTrainingQuantization group_size={show(group_size)} is not valid; valid: a positive int or null")
         if method in NF4_METHODS:
             if bits != 4:
-                raise SlimtuneError(f"PostTrainingQuantization bits={bits!r} is not valid with method={method}; valid: 4")
+                raise SlimtuneError(f"PostTrainingQuantization bits={show(bits)} is not valid with method={method}; valid: 4")
             if group_size is not None and group_size not in NF4_BLOCKSIZES:
                 raise SlimtuneError(
-                    f"PostTrainingQuantization group_size={group_size!r} is not an NF4 block size; valid: {choices(NF4_BLOCKSIZES)} or null (64)"
+                    f"PostTrainingQuantization group_size={show(group_size)} is not an NF4 block size; valid: {choices(NF4_BLOCKSIZES)} or null (64)"
                 )
         for flag, value in (("symmetric", symmetric), ("act_order", act_order), ("double_quant", double_quant),
                             ("true_sequential", true_sequential)):
             if not isinstance(value, bool):
-                raise SlimtuneError(f"PostTrainingQuantization {flag}={value!r} is not valid; valid: true, false")
+                raise SlimtuneError(f"PostTrainingQuantization {flag}={show(value)} is not valid; valid: true, false")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or not 0 <= damp < 1:
-            raise SlimtuneError(f"PostTrainingQuantization damp={damp!r} is not valid; valid: a float in [0, 1)")
+            raise SlimtuneError(f"PostTrainingQuantization damp={show(damp)} is not valid; valid: a float in [0, 1)")
         if isinstance(targets, str):
             if targets != "all-linear" and not targets:
                 raise SlimtuneError("PostTrainingQuantization targets='' is not valid; valid: all-linear or name patterns")
-        elif not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
-            raise SlimtuneError(f"PostTrainingQuantization targets={targets!r} is not valid; valid: all-linear or a non-empty list of name patterns")
+        elif not is_sequence(targets) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise SlimtuneError(f"PostTrainingQuantization targets={show(targets)} is not valid; valid: all-linear or a non-empty list of name patterns")
+        if exclude is not None and not isinstance(exclude, str) and not is_sequence(exclude):
+            raise SlimtuneError(f"PostTrainingQuantization exclude={show(exclude)} is not valid; valid: a list of name patterns")
         exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
-        if not all(isinstance(p, str) for p in exclude):
-            raise SlimtuneError(f"PostTrainingQuantization exclude={exclude!r} is not valid; valid: a list of name patterns")
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise SlimtuneError(f"PostTrainingQuantization exclude={show(exclude)} is not valid; valid: a list of name patterns")
         for key, value, low in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2), ("lorc_iters", lorc_iters, 1)):
             if not _is_int(value) or value < low:
-                raise SlimtuneError(f"PostTrainingQuantization {key}={value!r} is not valid; valid: an int >= {low}")
+                raise SlimtuneError(f"PostTrainingQuantization {key}={show(value)} is not valid; valid: an int >= {low}")
         if not _is_int(seed):
-            raise SlimtuneError(f"PostTrainingQuantization seed={seed!r} is not valid; valid: an int")
+            raise SlimtuneError(f"PostTrainingQuantization seed={show(seed)} is not valid; valid: an int")
         if lorc_rank is not None and (not _is_int(lorc_rank) or lorc_rank < 0):
-            raise SlimtuneError(f"PostTrainingQuantization lorc_rank={lorc_rank!r} is not valid; valid: null or 0 (no LoRC), or a positive int")
-        if scale_dtype not in SCALE_DTYPES:
-            raise SlimtuneError(f"PostTrainingQuantization scale_dtype={scale_dtype!r} is not valid; valid: {choices(SCALE_DTYPES)}")
+            raise SlimtuneError(f"PostTrainingQuantization lorc_rank={show(lorc_rank)} is not valid; valid: null or 0 (no LoRC), or a positive int")
+        if not isinstance(scale_dtype, str) or scale_dtype not in SCALE_DTYPES:
+            raise SlimtuneError(f"PostTrainingQuantization scale_dtype={show(scale_dtype)} is not valid; valid: {choices(SCALE_DTYPES)}")
         calibration_cfg = calibration_source(calibration)
         if method in CALIBRATED and calibration_cfg.get("path") and not calibration_cfg.get("dataset"):
             from slimtune.data.datasets import resolve_files
@@ -374,10 +392,11 @@ class PostTrainingQuantization(SlimtuneCallback):
         self.lorc_iters = lorc_iters
         self.double_quant = double_quant
         self.scale_dtype = scale_dtype
-        self.tokenizer = tokenizer
-        self.export_dir = export_dir
-        self.progress = progress
-        self.verbose = verbose
+        self.tokenizer = check_tokenizer_arg(tokenizer, owner)
+        self.export_dir = check_path(export_dir, "export_dir", owner)
+        self.progress = check_bool(progress, "progress", owner)
+        self.verbose = check_bool(verbose, "verbose", owner)
+        self.model = check_model_arg(model, owner)
         self.seconds: float | None = None
         self.n_layers = 0
         self.n_lorc = 0
@@ -417,8 +436,13 @@ class PostTrainingQuantization(SlimtuneCallback):
             self._state = dict(state_dict)
             self._applied_to = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._check_order(trainer)
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        model = unwrap_model(pl_module)
+        model = self.model_for(pl_module)
         resuming = getattr(trainer, "ckpt_path", None) is not None
         if self._state is None and resuming:
             self._state = self._state_from_checkpoint(trainer.ckpt_path)
@@ -426,12 +450,11 @@ class PostTrainingQuantization(SlimtuneCallback):
             if self._applied_to != id(model):
                 self.restore(model, verbose=self.verbose and trainer.is_global_zero)
             return
-        self._check_order(trainer)
         self.quantize(model, trainer=trainer, pl_module=pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.export_dir and trainer.is_global_zero:
-            export_quantized(unwrap_model(pl_module), self.export_dir, self._get_tokenizer(pl_module, required=False))
+            export_quantized(self.model_for(pl_module), self.export_dir, self._get_tokenizer(pl_module, required=False))
 
     # ------------------------------------------------------------------ work
 
@@ -448,13 +471,10 @@ class PostTrainingQuantization(SlimtuneCallback):
             )
 
     def _get_tokenizer(self, pl_module, required: bool = True):
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if tokenizer is None and required:
-            raise SlimtuneError("PostTrainingQuantization method=gptq needs a tokenizer: pass tokenizer=... or set pl_module.tokenizer")
+        tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "PostTrainingQuantization",
+                                      f"for method={self.method}'s calibration text", required)
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = tokenizer  # a path is loaded once
         return tokenizer
 
     def _state_from_checkpoint(self, ckpt_path) -> dict[str, Any]:
