@@ -287,7 +287,11 @@ class SlimtuneCallback(*_callback_bases()):
     def find_model(self, pl_module) -> nn.Module:
         """The single place a callback resolves its model (`resolve_model`); anything every callback must do to the
         model it works on belongs here."""
-        return resolve_model(pl_module, self.model, owner=type(self).__name__)
+        from slimtune.quant.bnb4bit import guard_4bit
+
+        model = resolve_model(pl_module, self.model, owner=type(self).__name__)
+        guard_4bit(model)  # evaluations inside the fit must not cut gradients through bitsandbytes 4-bit layers
+        return model
 
 
 def log_to_loggers(trainer, metrics: dict[str, float]) -> None:
