@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from slimtune.callbacks._base import (
 )
 from slimtune.errors import SlimtuneError
 from slimtune.eval.perplexity import perplexity, read_eval_text, tokenize_eval_text
+from slimtune.quant.bnb4bit import fast_4bit_eval
 
 _MOMENTS = ("fit_start", "fit_end")
 
@@ -62,6 +64,10 @@ class PerplexityEvaluation(SlimtuneCallback):
         progress: show a progress bar.
         model: the model to measure: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
             holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
+        fast_4bit: measure bitsandbytes 4-bit layers with bitsandbytes' fused bf16 CPU kernel (CPUs with
+            avx512_bf16: about 2.7x faster; outputs differ by bf16 rounding, so perplexity moves in the 3rd-4th
+            digit). The exact weights are restored before training continues. Default False: measure exactly what
+            trains (`slimtune.quant.bnb4bit.fast_4bit_eval`).
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class PerplexityEvaluation(SlimtuneCallback):
         name: str = "eval",
         progress: bool = True,
         model: Any = None,
+        fast_4bit: bool = False,
     ):
         owner = "PerplexityEvaluation"
         if path is not None and text is not None:
@@ -98,6 +105,7 @@ class PerplexityEvaluation(SlimtuneCallback):
         self.name = check_name(name, "name", owner)
         self.progress = check_bool(progress, "progress", owner)
         self.model = check_model_arg(model, owner)
+        self.fast_4bit = check_bool(fast_4bit, "fast_4bit", owner)
         self.results: dict[str, dict[str, float]] = {}
         self._token_ids: torch.Tensor | None = None
 
@@ -138,8 +146,9 @@ class PerplexityEvaluation(SlimtuneCallback):
         if self.text is None:  # held-out blocks: windows no longer than one block
             block = getattr(getattr(trainer, "datamodule", None), "block_size", None)
             seq_len = min(seq_len, block) if block else seq_len
-        result = perplexity(model, ids, seq_len, self.max_windows, self.batch_size, self.progress and trainer.is_global_zero,
-                            desc=f"Perplexity ({moment})")
+        with fast_4bit_eval(model) if self.fast_4bit else nullcontext():
+            result = perplexity(model, ids, seq_len, self.max_windows, self.batch_size,
+                                self.progress and trainer.is_global_zero, desc=f"Perplexity ({moment})")
         log_to_loggers(trainer, {f"{self.name}/ppl_{moment}": result["ppl"]})
         return result
 
