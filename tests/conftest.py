@@ -11,14 +11,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SLIMTUNE_DATA", ROOT.parent / "shared" / "data"))
-GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2"
-os.environ.setdefault("SLIMTUNE_DATA", str(SHARED_DATA))
-os.environ.setdefault("SLIMTUNE_TOKENIZER", str(GPT2_TOKENIZER))
+# Everything the tests read is inside the clone: the tokenizer shipped in the package and the embedded corpus.
+TINY_TOKENIZER = "pkg:slimtune/assets/tokenizers/tiny-bpe"
 
 TINY_LLAMA = {
     "model_type": "llama",
-    "vocab_size": 50257,
+    "vocab_size": 2048,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -26,20 +24,23 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
     "tie_word_embeddings": True,
-    "bos_token_id": 50256,
-    "eos_token_id": 50256,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
     "initializer_range": 0.3,
 }
 
 
+def tiny_tokenizer_path() -> str:
+    from slimtune.models.loading import resolve_package_path
+
+    return resolve_package_path(TINY_TOKENIZER)
+
+
 @pytest.fixture(scope="session")
-def gpt2_tokenizer():
+def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    assert GPT2_TOKENIZER.is_dir(), f"the GPT-2 tokenizer is expected at {GPT2_TOKENIZER} (../shared/data)"
-    tokenizer = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_path())
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def tiny_model_cfg():
     return {
         "name_or_path": None,
         "config": dict(TINY_LLAMA),
-        "tokenizer": str(GPT2_TOKENIZER),
+        "tokenizer": TINY_TOKENIZER,
         "dtype": "float32",
         "quantization": "nf4",
         "double_quant": True,
@@ -59,10 +60,11 @@ def tiny_model_cfg():
 
 @pytest.fixture
 def text_file(tmp_path):
-    """Real English text: the first part of WikiText-2's validation split."""
-    source = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+    """Real English text: the embedded corpus (CC0, inside the package), copied to a plain file."""
+    from slimtune.data import default_corpus_path
+
     path = tmp_path / "train.txt"
-    path.write_text(source.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    path.write_text(Path(default_corpus_path()).read_text(encoding="utf-8"), encoding="utf-8")
     return path
 
 
