@@ -161,6 +161,9 @@ def _layer_state(layer: nn.Module) -> dict[str, Any]:
             "dtype": str(layer.bias.dtype if layer.bias is not None else torch.float32).removeprefix("torch."),
             "tensors": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
         }
+    from slimtune.quant.bnb4bit import unpack_4bit
+
+    unpack_4bit(layer)  # the stored layout, never bitsandbytes' CPU-packed one
     weight = layer.weight
     return {
         "kind": "nf4",
@@ -197,6 +200,9 @@ def _rebuild_layer(entry: Mapping[str, Any], device: torch.device) -> nn.Module:
                                                            device=device)
         if entry["bias"] is not None:
             layer.bias = nn.Parameter(entry["bias"].to(device), requires_grad=False)
+        from slimtune.quant.bnb4bit import guard_4bit
+
+        guard_4bit(layer)
         return layer
     raise SlimtuneError(f"quantized layer kind {entry['kind']!r} is not valid; valid: quant_linear, nf4")
 

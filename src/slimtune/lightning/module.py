@@ -57,6 +57,11 @@ class CausalLMModule(L.LightningModule):
         self._step_started = 0.0
         self._rng_to_restore: dict[str, Any] | None = None
 
+    def setup(self, stage: str) -> None:
+        from slimtune.quant.bnb4bit import guard_4bit
+
+        guard_4bit(self.model)  # 4-bit layers added or packed since loading: gradients must flow after evaluations
+
     def forward(self, **batch):
         return self.model(**batch)
 

@@ -230,6 +230,10 @@ def load_base_model(model_cfg, device: str | torch.device | None = None):
         if device is not None:
             model = model.to(device)
         _swap_linear_for_bnb(model, quant, bool(_get(model_cfg, "double_quant", True)), dtype)
+    if quant in ("nf4", "fp4"):
+        from slimtune.quant.bnb4bit import guard_4bit
+
+        guard_4bit(model)  # bitsandbytes' CPU repacking would cut the gradient after any evaluation
     model.config.use_cache = False
     return model
 

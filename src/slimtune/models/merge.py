@@ -22,10 +22,11 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         return layer.dequantized_weight().float()
     weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes 4-bit
-        import bitsandbytes.functional as bnbf
+    if quant_state is not None:  # bitsandbytes 4-bit: exact, from the unpacked layout (see slimtune.quant.bnb4bit)
+        from slimtune.quant.bnb4bit import dequantize_4bit, unpack_4bit
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
+        unpack_4bit(layer)
+        return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     scb = getattr(weight, "SCB", None)
     if scb is not None and weight.dtype == torch.int8:  # bitsandbytes LLM.int8 (row-wise absmax)
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0

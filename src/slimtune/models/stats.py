@@ -35,6 +35,9 @@ def tensor_storage_bits(tensor) -> int:
 
 def compression_stats(model: nn.Module) -> dict[str, float]:
     """Counts each tensor once (tied embeddings are one tensor). `quantized_bits_per_param` covers quantized layers."""
+    from slimtune.quant.bnb4bit import unpack_4bit
+
+    unpack_4bit(model)  # a CPU-packed 4-bit layer holds bf16 scales and no double quantization: count what is stored
     seen: set[int] = set()
     trainable = total = stored_bits = 0
     quant_params = quant_bits = 0

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.quant.bnb4bit import dequantize_4bit, guard_4bit, unpack_4bit
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_QUANT_TYPES = ("nf4", "fp4")
@@ -45,7 +46,8 @@ def nf4_fake_quantize(
         compress_statistics=compress_statistics,
         quant_type=quant_type,
     )
-    return bnb_functional.dequantize_4bit(packed, state).to(weight.dtype)
+    # slimtune's exact dequantization: bitsandbytes' CPU kernel is wrong for rows that do not fill whole blocks
+    return dequantize_4bit(packed, state).to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,14 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: NF4Spec,
                                      compress_statistics=spec.double_quant, quant_type=spec.quant_type).to(weight.device)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    guard_4bit(layer)
     return layer
 
 
 def nf4_dequantize(layer: nn.Module) -> torch.Tensor:
-    """The float32 weight a bitsandbytes ``Linear4bit`` computes with."""
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    """The float32 weight a bitsandbytes ``Linear4bit`` computes with (exact; unpacks a CPU-packed layer first)."""
+    unpack_4bit(layer)
+    return dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
 def nf4_block_absmax(layer: nn.Module) -> torch.Tensor:
