@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Everything the tests read is inside the clone: the tokenizer shipped in the package and the embedded corpus.
-TINY_TOKENIZER = "pkg:slimtune/assets/tokenizers/tiny-bpe"
+TINY_TOKENIZER_SPEC = "pkg:slimtune/assets/tokenizers/tiny-bpe"  # as configs/model/tiny_llama.yaml names it
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -30,17 +30,13 @@ TINY_LLAMA = {
 }
 
 
-def tiny_tokenizer_path() -> str:
-    from slimtune.models.loading import resolve_package_path
-
-    return resolve_package_path(TINY_TOKENIZER)
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+    from slimtune.assets import TINY_TOKENIZER
+
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 @pytest.fixture
@@ -48,7 +44,7 @@ def tiny_model_cfg():
     return {
         "name_or_path": None,
         "config": dict(TINY_LLAMA),
-        "tokenizer": TINY_TOKENIZER,
+        "tokenizer": TINY_TOKENIZER_SPEC,
         "dtype": "float32",
         "quantization": "nf4",
         "double_quant": True,

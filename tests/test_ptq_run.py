@@ -244,7 +244,7 @@ def test_lorc_rank_above_the_lora_rank_and_unknown_targets_fail_before_any_work(
 
 def test_calibration_set_smaller_than_asked_fails_in_one_line(tmp_path, text_file):
     small = tmp_path / "calib.jsonl"
-    small.write_text("\n".join(json.dumps({"text": f"A short calibration document number {i}."}) for i in range(5)))
+    small.write_text("\n".join(json.dumps({"text": f"Document {i}."}) for i in range(5)))
     cfg = compose(*ptq_overrides(tmp_path, f"data.path={text_file}", f"callbacks.ptq_lorc_w3.calibration={small}",
                                  "callbacks.ptq_lorc_w3.n_samples=8"))
     with pytest.raises(SlimtuneError) as err:
