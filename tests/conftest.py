@@ -64,6 +64,28 @@ def text_file(tmp_path):
     return path
 
 
+def make_data_layout(folder: Path, tag: str = "") -> Path:
+    """A small stand-in for ../shared/data (the layout slimtune.data.sources reads: wikitext-2-raw/, c4/), made of
+    short generated lines; `tag` starts every text so a test can tell folders apart."""
+    import json
+
+    (folder / "wikitext-2-raw").mkdir(parents=True)
+    (folder / "c4").mkdir()
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(f" = {tag} test = \n\n {tag} line one . \n", encoding="utf-8")
+    (folder / "wikitext-2-raw" / "wiki.valid.raw").write_text(f" = {tag} valid = \n", encoding="utf-8")
+    rows = [json.dumps({"text": f"{tag} calibration document {i}. " * 10}) for i in range(50)]
+    (folder / "c4" / "c4-validation-sample.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """SLIMTUNE_DATA pointing at a stand-in layout: presets that name wikitext2 / c4 build without ../shared."""
+    folder = make_data_layout(tmp_path / "data", "STAND-IN")
+    monkeypatch.setenv("SLIMTUNE_DATA", str(folder))
+    return folder
+
+
 def compose(*overrides):
     from slimtune.config import compose_config
 

@@ -348,7 +348,7 @@ def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
     assert (_logits(merged) - trained).abs().max() <= 1e-4 * trained.abs().max()
 
 
-def test_replacing_a_recipes_callbacks_names_the_orphaned_settings(tmp_path):
+def test_replacing_a_recipes_callbacks_names_the_orphaned_settings(tmp_path, data_dir):
     # lorc_w3_tiny sets callbacks.ptq_lorc_w3.*; a callbacks list without that preset leaves settings with no class
     cfg = compose(*ptq_overrides(tmp_path, "callbacks=[ptq_gptq_nf4,perplexity]"))
     with pytest.raises(SlimtuneError) as err:

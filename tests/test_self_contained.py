@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose
+from conftest import ROOT, compose, make_data_layout
 from transformers import AutoTokenizer
 
 from slimtune.assets import TINY_TOKENIZER
@@ -82,21 +82,10 @@ def test_package_data_ships_the_tokenizer_and_its_readme():
 # --------------------------------------------------------------------------- named sources
 
 
-def _layout(folder: Path, tag: str) -> Path:
-    """A data folder as ../shared/data holds it, with `tag` in every text so the tests can tell folders apart."""
-    (folder / "wikitext-2-raw").mkdir(parents=True)
-    (folder / "c4").mkdir()
-    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(f" = {tag} test = \n\n {tag} line one . \n", encoding="utf-8")
-    (folder / "wikitext-2-raw" / "wiki.valid.raw").write_text(f" = {tag} valid = \n", encoding="utf-8")
-    rows = [json.dumps({"text": f"{tag} calibration document {i}. " * 10}) for i in range(50)]
-    (folder / "c4" / "c4-validation-sample.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return folder
-
-
 @pytest.fixture
 def project(tmp_path):
     """A project root whose ../shared/data holds a layout tagged 'SHARED'."""
-    _layout(tmp_path / "shared" / "data", "SHARED")
+    make_data_layout(tmp_path / "shared" / "data", "SHARED")
     root = tmp_path / "slimtune"
     root.mkdir()
     return root
@@ -113,8 +102,8 @@ def test_the_shared_layout_beside_the_project_is_found(project, monkeypatch):
     assert c4.column_names == ["text"] and len(c4) == 50 and all(t.startswith("SHARED ") for t in c4["text"])
 
 
-def test_slimtune_data_wins_over_the_shared_layout(project, tmp_path, monkeypatch):
-    env = _layout(tmp_path / "mine", "MINE")
+def test_slimtune_data_wins_over_the_sharedmake_data_layout(project, tmp_path, monkeypatch):
+    env = make_data_layout(tmp_path / "mine", "MINE")
     monkeypatch.setenv("SLIMTUNE_DATA", str(env))
     assert sources.local_path("c4", project) == env / "c4" / "c4-validation-sample.jsonl"
     assert "MINE test" in sources.eval_text("wikitext2", project)
@@ -126,7 +115,7 @@ def test_slimtune_data_wins_over_the_shared_layout(project, tmp_path, monkeypatc
 
 
 def test_named_sets_through_the_data_layer_and_calibration(tmp_path, monkeypatch, tiny_tokenizer):
-    monkeypatch.setenv("SLIMTUNE_DATA", str(_layout(tmp_path / "data", "ENV")))
+    monkeypatch.setenv("SLIMTUNE_DATA", str(make_data_layout(tmp_path / "data", "ENV")))
     assert all(t.startswith("ENV ") for t in load_raw({"path": "c4"})["text"])  # data.path=c4 works too
     assert read_eval_text("wikitext2").startswith(" = ENV test = ")
     assert calibration_source(None) == calibration_source("c4") == {"path": "c4"}
