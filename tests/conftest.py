@@ -71,8 +71,9 @@ def make_data_layout(folder: Path, tag: str = "") -> Path:
 
     (folder / "wikitext-2-raw").mkdir(parents=True)
     (folder / "c4").mkdir()
-    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(f" = {tag} test = \n\n {tag} line one . \n", encoding="utf-8")
-    (folder / "wikitext-2-raw" / "wiki.valid.raw").write_text(f" = {tag} valid = \n", encoding="utf-8")
+    # WikiText-2's raw format: a blank line is " \n"
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(f" \n = {tag} test = \n \n {tag} line one . \n", encoding="utf-8")
+    (folder / "wikitext-2-raw" / "wiki.valid.raw").write_text(f" \n = {tag} valid = \n", encoding="utf-8")
     rows = [json.dumps({"text": f"{tag} calibration document {i}. " * 10}) for i in range(50)]
     (folder / "c4" / "c4-validation-sample.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder

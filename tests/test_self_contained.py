@@ -58,15 +58,21 @@ def test_tiny_tokenizer_is_lossless_and_chatml_markers_are_single_tokens(tiny_to
     assert trained.startswith("Hello there<|im_end|>")
 
 
-def test_tiny_tokenizer_rebuilds_byte_for_byte(tmp_path):
+def test_tiny_tokenizer_rebuilds_from_the_embedded_texts(tmp_path):
     sys.path.insert(0, str(TOKENIZER_DIR.parent))
     try:
         import build_tiny_bpe
     finally:
         sys.path.remove(str(TOKENIZER_DIR.parent))
     build_tiny_bpe.build(tmp_path / "rebuilt")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "rebuilt" / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name
+    # Compared as parsed JSON, not bytes: a newer library may lay the same tokenizer out differently.
+    shipped, rebuilt = (json.loads((folder / "tokenizer.json").read_text()) for folder in (TOKENIZER_DIR, tmp_path / "rebuilt"))
+    assert rebuilt["model"]["merges"] == shipped["model"]["merges"] and len(shipped["model"]["merges"]) == 2048 - 3 - 256
+    for key in ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert rebuilt[key] == shipped[key], key
+    assert rebuilt["model"]["vocab"] == shipped["model"]["vocab"]
+    shipped, rebuilt = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in (TOKENIZER_DIR, tmp_path / "rebuilt"))
+    assert rebuilt == shipped
 
 
 def test_package_data_ships_the_tokenizer_and_its_readme():
@@ -96,7 +102,7 @@ def test_the_shared_layout_beside_the_project_is_found(project, monkeypatch):
     path = sources.local_path("wikitext2", project)
     assert path == project.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     # the papers' string: the file's rows joined with "\n\n", a blank row as ""
-    assert sources.eval_text("wikitext2", project) == "\n\n".join([" = SHARED test = \n", "", " SHARED line one . \n"])
+    assert sources.eval_text("wikitext2", project) == "\n\n".join(["", " = SHARED test = \n", "", " SHARED line one . \n"])
     assert sources.local_path("wikitext2:valid", project).name == "wiki.valid.raw"
     c4 = sources.load_named("c4", project)
     assert c4.column_names == ["text"] and len(c4) == 50 and all(t.startswith("SHARED ") for t in c4["text"])
@@ -108,16 +114,33 @@ def test_slimtune_data_wins_over_the_sharedmake_data_layout(project, tmp_path, m
     assert sources.local_path("c4", project) == env / "c4" / "c4-validation-sample.jsonl"
     assert "MINE test" in sources.eval_text("wikitext2", project)
     wiki = sources.load_named("wikitext2:valid", project)  # one document: the file's text, as the hub's rows joined
-    assert wiki["text"] == [" = MINE valid = \n"]
+    assert wiki["text"] == [" \n = MINE valid = \n"]
     # A set missing from $SLIMTUNE_DATA is looked for in the next place.
     (env / "c4" / "c4-validation-sample.jsonl").unlink()
     assert sources.local_path("c4", project) == project.parent / "shared" / "data" / "c4" / "c4-validation-sample.jsonl"
 
 
+def test_the_hub_rows_give_what_the_local_files_give(project, monkeypatch):
+    """The hub's wikitext-2-raw-v1 rows are the raw file's lines, a blank line (" \\n" in the file) as "". Without
+    network here, rows in that form stand in for the hub: joined they must equal the local file, for training and
+    calibration (one document) and for evaluation (the papers' "\\n\\n" join)."""
+    import datasets
+
+    monkeypatch.delenv("SLIMTUNE_DATA", raising=False)
+    local_file = sources.local_path("wikitext2", project)
+    local_doc, local_eval = sources.load_named("wikitext2", project)["text"], sources.eval_text("wikitext2", project)
+    lines = local_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    hub_rows = datasets.Dataset.from_dict({"text": [line if line.strip() else "" for line in lines]})
+    monkeypatch.setattr(sources, "_hub_rows", lambda name, root: hub_rows)
+    monkeypatch.setattr(sources, "local_path", lambda name, root=None: None)
+    assert sources.load_named("wikitext2", project)["text"] == local_doc == [local_file.read_text(encoding="utf-8")]
+    assert sources.eval_text("wikitext2", project) == local_eval
+
+
 def test_named_sets_through_the_data_layer_and_calibration(tmp_path, monkeypatch, tiny_tokenizer):
     monkeypatch.setenv("SLIMTUNE_DATA", str(make_data_layout(tmp_path / "data", "ENV")))
     assert all(t.startswith("ENV ") for t in load_raw({"path": "c4"})["text"])  # data.path=c4 works too
-    assert read_eval_text("wikitext2").startswith(" = ENV test = ")
+    assert read_eval_text("wikitext2").startswith("\n\n = ENV test = ")
     assert calibration_source(None) == calibration_source("c4") == {"path": "c4"}
     batches = calibration_batches(None, tiny_tokenizer, n_samples=4, seq_len=32, seed=0)
     assert len(batches) == 4 and all(b.shape == (1, 32) for b in batches)

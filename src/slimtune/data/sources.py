@@ -35,7 +35,8 @@ class NamedSource:
     relative_path: str  # inside the data folder
     hub: dict[str, Any] = field(default_factory=dict)  # the `load_raw` config of the same set on the hub
     what: str = ""
-    # The local file is one plain-text document while the hub holds its lines as rows: joined, they are the file.
+    # The local file is one plain-text document while the hub holds its lines as rows: joined (a blank row back to
+    # the raw file's " \n"), they are the file.
     one_document: bool = False
 
 
@@ -135,7 +136,7 @@ def load_named(name: str, project_root: str | Path | None = None):
         return load_raw({"path": str(path)})
     rows = _hub_rows(name, project_root)
     if source.one_document:
-        return datasets.Dataset.from_dict({"text": ["".join(rows["text"])]})
+        return datasets.Dataset.from_dict({"text": ["".join(row or " \n" for row in rows["text"])]})
     return rows
 
 

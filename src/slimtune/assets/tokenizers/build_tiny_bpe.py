@@ -3,7 +3,8 @@
     python src/slimtune/assets/tokenizers/build_tiny_bpe.py            # rewrites tiny-bpe/ beside this file
     python src/slimtune/assets/tokenizers/build_tiny_bpe.py OUT_DIR    # writes OUT_DIR instead
 
-Deterministic: the same texts give the same files byte for byte (a test rebuilds it and compares). It exists so that
+Deterministic: the same texts (and library versions) give the same files byte for byte; a test rebuilds it and
+compares vocabulary, merges, special tokens and settings. It exists so that
 tiny models and the tests need no tokenizer from outside the package (GPT-2's would have to be downloaded).
 """
 
