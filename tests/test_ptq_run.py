@@ -195,7 +195,8 @@ def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, tiny_
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, TINY_LLAMA["vocab_size"], (8, 16))), batch_size=4)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (8, 16))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
     text = Path(default_corpus_path()).read_text()[:4000]
     ptq = PostTrainingQuantization(method="rtn", bits=4, group_size=32, lorc_rank=4, progress=False, verbose=False,
                                    export_dir=str(tmp_path / "quantized"))
@@ -332,7 +333,8 @@ def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
                   f"data.path={text_file}", "data.block_size=64", "data.batch_size=4", "trainer.max_steps=12",
                   "optimizer.lr=1e-2", f"output_dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false",
                   "trainer.log_every_n_steps=1", "callbacks.perplexity.max_windows=2",
-                  "callbacks.ptq_gptq_nf4.calibration=corpus", "callbacks.ptq_gptq_nf4.n_samples=8", "callbacks.ptq_gptq_nf4.seq_len=64",
+                  "callbacks.ptq_gptq_nf4.calibration=corpus", "callbacks.ptq_gptq_nf4.n_samples=8",
+                  "callbacks.ptq_gptq_nf4.seq_len=64",
                   "callbacks.ptq_gptq_nf4.lorc_rank=4", "callbacks.ptq_gptq_nf4.progress=false")
     job = prepare(cfg)
     report = finish(fit(job))

@@ -66,12 +66,13 @@ def test_tiny_tokenizer_rebuilds_from_the_embedded_texts(tmp_path):
         sys.path.remove(str(TOKENIZER_DIR.parent))
     build_tiny_bpe.build(tmp_path / "rebuilt")
     # Compared as parsed JSON, not bytes: a newer library may lay the same tokenizer out differently.
-    shipped, rebuilt = (json.loads((folder / "tokenizer.json").read_text()) for folder in (TOKENIZER_DIR, tmp_path / "rebuilt"))
+    folders = (TOKENIZER_DIR, tmp_path / "rebuilt")
+    shipped, rebuilt = (json.loads((folder / "tokenizer.json").read_text()) for folder in folders)
     assert rebuilt["model"]["merges"] == shipped["model"]["merges"] and len(shipped["model"]["merges"]) == 2048 - 3 - 256
     for key in ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
         assert rebuilt[key] == shipped[key], key
     assert rebuilt["model"]["vocab"] == shipped["model"]["vocab"]
-    shipped, rebuilt = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in (TOKENIZER_DIR, tmp_path / "rebuilt"))
+    shipped, rebuilt = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in folders)
     assert rebuilt == shipped
 
 
