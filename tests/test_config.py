@@ -26,7 +26,7 @@ def test_every_recipe_composes_and_resolves(name):
 
 
 @pytest.mark.parametrize("name", sorted(f.stem for f in (ROOT / "callbacks").glob("*.yaml")))
-def test_every_callback_preset_builds_its_callback(name, tmp_path):
+def test_every_callback_preset_builds_its_callback(name, tmp_path, data_dir):
     from slimtune.run import build_callbacks
 
     first = (ROOT / "callbacks" / f"{name}.yaml").read_text().splitlines()[0]

@@ -12,7 +12,7 @@ from slimtune.errors import SlimtuneError
 
 LAYER = "model.layers.0.self_attn.q_proj"
 CHANNEL = 5
-IDS = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +114,8 @@ def test_in_a_trainer_logs_csv_and_warns(tmp_path, capsys):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1e-4)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 50257, (8, 16))), batch_size=2)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (8, 16))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
     monitor = ActivationOutlierMonitor(patterns=["q_proj", "down_proj"], every_n_steps=2)
     trainer = L.Trainer(max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path, name="logs", version=""),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

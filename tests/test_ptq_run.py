@@ -7,17 +7,18 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, TINY_LLAMA, compose
+from conftest import TINY_LLAMA, compose
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune.callbacks import PerplexityEvaluation, PostTrainingQuantization
 from slimtune.callbacks import ptq as ptq_module
+from slimtune.data import default_corpus_path
 from slimtune.errors import SlimtuneError
 from slimtune.quant import QuantLinear, load_quantized
 from slimtune.run import finish, fit, prepare, run
 
-IDS = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -148,12 +149,12 @@ def _tiny_lora_model(r=8, alpha=16, seed=0):
 
 
 @pytest.mark.parametrize("method", ["nf4", "gptq_nf4"])
-def test_nf4_lorc_state_restores_without_quantizing_again(method, gpt2_tokenizer):
+def test_nf4_lorc_state_restores_without_quantizing_again(method, tiny_tokenizer):
     pytest.importorskip("bitsandbytes")
     model = _tiny_lora_model()
     fp = _logits(model)
     plain = _tiny_lora_model()
-    calib = {"tokenizer": gpt2_tokenizer, "n_samples": 4, "seq_len": 32, "progress": False}
+    calib = {"tokenizer": tiny_tokenizer, "calibration": "corpus", "n_samples": 4, "seq_len": 32, "progress": False}
     PostTrainingQuantization(method=method, bits=4, group_size=64, verbose=False, **calib).quantize(plain)
     cb = PostTrainingQuantization(method=method, bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False,
                                   **calib)
@@ -169,14 +170,15 @@ def test_nf4_lorc_state_restores_without_quantizing_again(method, gpt2_tokenizer
     for name, module in fresh.named_modules():
         if name.endswith("base_layer"):
             module.weight.data.zero_()
-    restored = PostTrainingQuantization(method=method, bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False)
+    restored = PostTrainingQuantization(method=method, bits=4, group_size=64, lorc_rank=8, lorc_iters=2, verbose=False,
+                                        calibration="corpus")
     restored.load_state_dict(cb.state_dict())
     restored.restore(fresh)
     assert torch.equal(_logits(fresh), quantized)
 
 
 @pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
-def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, gpt2_tokenizer, tmp_path):
+def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, tiny_tokenizer, tmp_path):
     import importlib
 
     L = importlib.import_module(package)
@@ -185,7 +187,7 @@ def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, gpt2_
         def __init__(self):
             super().__init__()
             self.model = _tiny_lora_model(r=4, alpha=8)
-            self.tokenizer = gpt2_tokenizer
+            self.tokenizer = tiny_tokenizer
 
         def training_step(self, batch, batch_idx):
             return self.model(input_ids=batch[0], labels=batch[0]).loss
@@ -193,8 +195,9 @@ def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, gpt2_
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 50257, (8, 16))), batch_size=4)
-    text = (GPT2_TOKENIZER.parent.parent / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:4000]
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (8, 16))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+    text = Path(default_corpus_path()).read_text()[:4000]
     ptq = PostTrainingQuantization(method="rtn", bits=4, group_size=32, lorc_rank=4, progress=False, verbose=False,
                                    export_dir=str(tmp_path / "quantized"))
     ppl = PerplexityEvaluation(text=text, seq_len=32, max_windows=2, progress=False)
@@ -242,7 +245,7 @@ def test_lorc_rank_above_the_lora_rank_and_unknown_targets_fail_before_any_work(
 
 def test_calibration_set_smaller_than_asked_fails_in_one_line(tmp_path, text_file):
     small = tmp_path / "calib.jsonl"
-    small.write_text("\n".join(json.dumps({"text": f"A short calibration document number {i}."}) for i in range(5)))
+    small.write_text("\n".join(json.dumps({"text": f"Document {i}."}) for i in range(5)))
     cfg = compose(*ptq_overrides(tmp_path, f"data.path={text_file}", f"callbacks.ptq_lorc_w3.calibration={small}",
                                  "callbacks.ptq_lorc_w3.n_samples=8"))
     with pytest.raises(SlimtuneError) as err:
@@ -330,7 +333,8 @@ def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
                   f"data.path={text_file}", "data.block_size=64", "data.batch_size=4", "trainer.max_steps=12",
                   "optimizer.lr=1e-2", f"output_dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false",
                   "trainer.log_every_n_steps=1", "callbacks.perplexity.max_windows=2",
-                  "callbacks.ptq_gptq_nf4.n_samples=8", "callbacks.ptq_gptq_nf4.seq_len=64",
+                  "callbacks.ptq_gptq_nf4.calibration=corpus", "callbacks.ptq_gptq_nf4.n_samples=8",
+                  "callbacks.ptq_gptq_nf4.seq_len=64",
                   "callbacks.ptq_gptq_nf4.lorc_rank=4", "callbacks.ptq_gptq_nf4.progress=false")
     job = prepare(cfg)
     report = finish(fit(job))
@@ -346,7 +350,7 @@ def test_gptq_nf4_preset_finetunes_a_qlora_base_and_merges(tmp_path, text_file):
     assert (_logits(merged) - trained).abs().max() <= 1e-4 * trained.abs().max()
 
 
-def test_replacing_a_recipes_callbacks_names_the_orphaned_settings(tmp_path):
+def test_replacing_a_recipes_callbacks_names_the_orphaned_settings(tmp_path, data_dir):
     # lorc_w3_tiny sets callbacks.ptq_lorc_w3.*; a callbacks list without that preset leaves settings with no class
     cfg = compose(*ptq_overrides(tmp_path, "callbacks=[ptq_gptq_nf4,perplexity]"))
     with pytest.raises(SlimtuneError) as err:

@@ -67,7 +67,7 @@ class UserLM(L.LightningModule):
 
 
 def test_user_module_with_a_transformers_4bit_model_trains_identically_with_the_perplexity_callback(
-        tmp_path, tiny_model_cfg, gpt2_tokenizer, monkeypatch):
+        tmp_path, tiny_model_cfg, tiny_tokenizer, monkeypatch):
     """Exact and fast_4bit measurement (bitsandbytes' packed kernel, forced here on any CPU) both hand training the
     exact weights back: the adapters end equal to a run without evaluation."""
     from bitsandbytes.functional import has_avx512bf16
@@ -84,7 +84,7 @@ def test_user_module_with_a_transformers_4bit_model_trains_identically_with_the_
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
 
     def train(callbacks):
-        module = UserLM(tmp_path / "tiny", gpt2_tokenizer)
+        module = UserLM(tmp_path / "tiny", tiny_tokenizer)
         _as_on_an_avx512_bf16_cpu(module.lm)
         if not callbacks:  # the reference: no evaluation, the guard applied by hand (from_pretrained leaves eval mode)
             guard_4bit(module.lm)

@@ -53,11 +53,11 @@ def _logged(out: Path) -> list[tuple]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_resume_from_every_checkpoint_of_a_three_epoch_run_is_exact(tmp_path, gpt2_tokenizer, variant):
+def test_resume_from_every_checkpoint_of_a_three_epoch_run_is_exact(tmp_path, tiny_tokenizer, variant):
     data = tmp_path / "train.txt"
     train_blocks = STEPS_PER_EPOCH * BATCH
     blocks = next(n for n in range(train_blocks, 2 * train_blocks) if n - -(-n // 10) >= train_blocks)  # 10% held out
-    data.write_text(_text_of_blocks(gpt2_tokenizer, blocks))
+    data.write_text(_text_of_blocks(tiny_tokenizer, blocks))
     straight = compose(*_overrides(tmp_path / "straight", data, variant))
     report = run(straight)
     out = Path(straight.output_dir)

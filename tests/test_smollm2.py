@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA, compose
+from conftest import compose
 from slimtune.eval import perplexity, read_eval_text, tokenize_eval_text
 from slimtune.models import load_base_model, load_tokenizer
 
@@ -19,7 +19,7 @@ def test_wikitext2_baseline_perplexity_reproduces_the_reference():
     tokenizer = load_tokenizer(SMOLLM2)
     model = load_base_model(SMOLLM2).eval()
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    ids = tokenize_eval_text(read_eval_text(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"), tokenizer)
+    ids = tokenize_eval_text(read_eval_text("wikitext2"), tokenizer)
     result = perplexity(model, ids, seq_len=2048, max_windows=8, progress=False)
     assert result["tokens"] == 8 * 2048
     assert result["ppl"] == pytest.approx(19.1, abs=0.3)

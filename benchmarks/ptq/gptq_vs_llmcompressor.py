@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, WORK, gguf_path, prepare_data  # noqa: E402
+from common import RESULTS, WORK, add_data_dir, gguf_path, prepare_data, use_data_dir  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--export-3bit", default=str(WORK / "gptq3_g64_export"),
                         help="keep slimtune's 3-bit g64 GPTQ export here (lorc_recovery.py --from-export)")
     parser.add_argument("--out", default=str(RESULTS / "gptq_vs_llmcompressor.json"))
+    add_data_dir(parser)
     args = parser.parse_args()
+    use_data_dir(args.data_dir)
 
     if args.resummarize:
         old = json.loads(Path(args.out).read_text())

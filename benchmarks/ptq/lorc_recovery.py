@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DATA, RESULTS, SMOLLM2, WORK, Timer, data_digest, prepare_data  # noqa: E402
+from common import RESULTS, SMOLLM2, WORK, Timer, add_data_dir, data_digest, prepare_data, use_data_dir  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 def train_blocks(tokenizer, block: int) -> torch.Tensor:
     from slimtune.eval import read_eval_text, tokenize_eval_text
 
-    ids = tokenize_eval_text(read_eval_text(DATA / "wikitext-2-raw" / "wiki.valid.raw"), tokenizer)
+    ids = tokenize_eval_text(read_eval_text("wikitext2:valid"), tokenizer)
     n = ids.numel() // block
     return ids[: n * block].view(n, block)
 
@@ -81,7 +81,9 @@ def main() -> None:
                              "data fingerprint matches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "lorc_recovery.json"))
+    add_data_dir(parser)
     args = parser.parse_args()
+    use_data_dir(args.data_dir)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

@@ -22,7 +22,7 @@ pytest.importorskip("compressed_tensors")  # a core dependency; the skip only gu
 from compressed_tensors.compressors import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
-IDS = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def tiny(seed=0):
@@ -58,7 +58,7 @@ def test_symmetric_export_loads_in_transformers_to_the_same_logits(tmp_path, bit
 
 def test_gptq_act_order_export_matches(tmp_path):
     model = tiny(2)
-    calib = [torch.randint(0, 50257, (4, 32), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    calib = [torch.randint(0, TINY_LLAMA["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     quantize_model_gptq(model, calib, QuantSpec(bits=4, group_size=32, symmetric=True), act_order=True, progress=False)
     out = save_compressed_tensors(model, tmp_path / "ct")
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]

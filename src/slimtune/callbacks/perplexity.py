@@ -46,8 +46,10 @@ def _check_causal_lm(model) -> None:
 class PerplexityEvaluation(SlimtuneCallback):
     """Measures perplexity (GPTQ protocol: one stream, non-overlapping windows) at fit start and fit end.
 
-    Text comes from `path` (e.g. WikiText-2 `wiki.test.raw`), from `text`, or, when neither is given, from the
-    datamodule's held-out split (`trainer.datamodule.heldout_token_ids()`). The tokenizer is `tokenizer` (an object or a
+    Text comes from `path` (a text file, or `wikitext2` for WikiText-2's test split / `wikitext2:valid`, found from any
+    directory: $SLIMTUNE_DATA, ../shared/data beside the project, or the hub; see `slimtune.data.sources`), from
+    `text`, or, when neither is given, from the datamodule's held-out split (`trainer.datamodule.heldout_token_ids()`).
+    The tokenizer is `tokenizer` (an object or a
     path) or `pl_module.tokenizer`. Results land in `self.results` ({"before": {...}, "after": {...}}), in every
     logger as `<name>/ppl_before` and `<name>/ppl_after`, and in checkpoints, so a resumed run keeps its "before".
 

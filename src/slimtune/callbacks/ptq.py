@@ -5,8 +5,10 @@ else its only transformers / PEFT model; see `slimtune.callbacks._base.resolve_m
 wrapping `nn.Linear` base layers) or a plain transformers model with frozen linear layers.
 
 1. Calibration (GPTQ and GPTQ-NF4; `slimtune.data.calibration`): `n_samples` random windows of `seq_len` tokens, seeded, from
-   any text source the data layer reads (`slimtune.data.datasets.load_raw`: a JSONL/text/parquet file, a folder, a
-   glob, a `datasets` name); by default the C4 validation sample in `../shared/data/c4/` (as the GPTQ paper does).
+   a named set or any text source the data layer reads: `c4` (the default: the C4 en validation sample, as the GPTQ
+   paper calibrates; from $SLIMTUNE_DATA, ../shared/data beside the project, or the hub), `wikitext2` /
+   `wikitext2:valid`, `corpus` (the embedded CC0 corpus), a JSONL/text/parquet file, folder or glob, or a data
+   mapping (`path` or `dataset`); `default` is refused (see `slimtune.data.calibration`).
 2. Quantization with `slimtune.quant`: each target's base layer is swapped in place for a `QuantLinear` (RTN, GPTQ) or
    a bitsandbytes `Linear4bit` (NF4: bitsandbytes rounds to nearest; GPTQ-NF4: the same storage and block scales,
    each 4-bit code chosen by GPTQ's error feedback, so the base is a QLoRA base that starts closer to the float model).
@@ -60,7 +62,7 @@ from slimtune.callbacks._base import (
     resolve_tokenizer,
     show,
 )
-from slimtune.data.calibration import calibration_batches, calibration_source
+from slimtune.data.calibration import calibration_batches, calibration_source, check_calibration
 from slimtune.errors import SlimtuneError, choices
 from slimtune.quant.model import is_linear_like, select_names
 from slimtune.quant.nf4 import NF4_BLOCKSIZES
@@ -285,8 +287,9 @@ class PostTrainingQuantization(SlimtuneCallback):
             each on inputs computed with the groups before it already quantized (the reference's --true-sequential);
             false calibrates all of a block's layers in one pass (faster: 2 passes per block instead of 5).
         targets: `all-linear` or name patterns of the layers to quantize; exclude: patterns left out (`lm_head`).
-        calibration: null (the C4 sample), a path/folder/glob, or a data mapping (`path` or `dataset`,
-            `dataset_config`, `split`, `text_field`, `max_examples`) as `load_raw` reads it.
+        calibration: `c4` (or null: the C4 en validation sample), `wikitext2` (test split) / `wikitext2:valid`,
+            `corpus` (the embedded corpus), a path/folder/glob, or a data mapping (`path` or `dataset`,
+            `dataset_config`, `data_files`, `split`, `text_field`, `max_examples`) as `load_raw` reads it.
         n_samples, seq_len, seed: calibration windows (GPTQ: 128 x 2048 from C4, seed 0).
         lorc_rank: LoRC rank (None or 0: no LoRC); at most the LoRA r of the model. lorc_iters: LoftQ alternations.
         double_quant: NF4 double quantization of the block scales. scale_dtype: dtype of QuantLinear scales.
@@ -362,19 +365,8 @@ class PostTrainingQuantization(SlimtuneCallback):
         if not isinstance(scale_dtype, str) or scale_dtype not in SCALE_DTYPES:
             raise SlimtuneError(f"PostTrainingQuantization scale_dtype={show(scale_dtype)} is not valid; valid: {choices(SCALE_DTYPES)}")
         calibration_cfg = calibration_source(calibration)
-        if method in CALIBRATED and calibration_cfg.get("path") and not calibration_cfg.get("dataset"):
-            from slimtune.data.datasets import resolve_files
-
-            try:
-                resolve_files(calibration_cfg["path"])
-            except SlimtuneError as err:
-                path = calibration_cfg["path"]
-                if "does not exist" in str(err):
-                    raise SlimtuneError(
-                        f"PostTrainingQuantization calibration {str(path)!r} does not exist; valid: a file, folder or "
-                        "glob of text/JSONL/parquet, 'default', or a mapping with 'dataset'"
-                    ) from None
-                raise SlimtuneError(f"PostTrainingQuantization calibration {str(path)!r}: {err}") from None
+        if method in CALIBRATED:
+            check_calibration(calibration_cfg, what="PostTrainingQuantization calibration")
         self.method = method
         self.bits = bits
         self.group_size = group_size

