@@ -7,7 +7,10 @@ import math
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, SHARED_DATA, TINY_LLAMA
+from conftest import TINY_LLAMA
+
+from slimtune.assets import TINY_TOKENIZER
+from slimtune.data.datasets import default_corpus_path
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -18,7 +21,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.eval.perplexity import perplexity, tokenize_eval_text
 from slimtune.quant import QuantLinear
 
-TEXT = (SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:6000]
+TEXT = open(default_corpus_path(), encoding="utf-8").read()[:6000]
 CALLBACKS = [PerplexityEvaluation, CompressionStats, PostTrainingQuantization, ActivationOutlierMonitor]
 
 
@@ -79,7 +82,7 @@ class UserLM(L.LightningModule):
 
 
 def loader():
-    ids = torch.randint(0, 50257, (4, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
 
 
@@ -101,14 +104,14 @@ def one_line_error(err: pytest.ExceptionInfo) -> str:
 
 
 @pytest.mark.parametrize("form", ["found", "name", "object", "dotted"])
-def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_tokenizer, tmp_path):
+def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, tiny_tokenizer, tmp_path):
     lm = tiny_lora_llama()
-    module = UserLM(lm, gpt2_tokenizer, nest=form == "dotted")
+    module = UserLM(lm, tiny_tokenizer, nest=form == "dotted")
     model_arg = {"found": None, "name": "lm", "object": lm, "dotted": "wrapper.lm"}[form]
     head_weight = module.head.weight.detach().clone()
     lm_linears = set(linear_layers(lm))
     lm_params = sum(p.numel() for p in lm.parameters())  # before quantization: what the layers stand for
-    ids = tokenize_eval_text(TEXT, gpt2_tokenizer)
+    ids = tokenize_eval_text(TEXT, tiny_tokenizer)
     expected_ppl = perplexity(copy.deepcopy(lm), ids, 32, 2, progress=False)["ppl"]
 
     ptq = PostTrainingQuantization(method="rtn", bits=4, group_size=32, progress=False, verbose=False, model=model_arg)
@@ -134,11 +137,11 @@ def test_every_callback_works_on_the_model_under_lm_and_nothing_else(form, gpt2_
     assert (tmp_path / "outliers.csv").is_file()  # the table of a Trainer without loggers: in default_root_dir
 
 
-def test_perplexity_of_a_plain_model_under_another_name_trains(gpt2_tokenizer):
+def test_perplexity_of_a_plain_model_under_another_name_trains(tiny_tokenizer):
     lm = tiny_llama()
     ppl = PerplexityEvaluation(text=TEXT, seq_len=32, max_windows=2, progress=False)
     stats = CompressionStats(verbose=False)
-    fit(UserLM(lm, gpt2_tokenizer), [ppl, stats], steps=3)
+    fit(UserLM(lm, tiny_tokenizer), [ppl, stats], steps=3)
     before, after = ppl.results["before"]["ppl"], ppl.results["after"]["ppl"]
     assert math.isfinite(before) and math.isfinite(after) and before != after  # the LM trained in between
     assert stats.stats["total_params"] == stats.stats["trainable_params"] == sum(p.numel() for p in lm.parameters())
@@ -148,11 +151,11 @@ def test_perplexity_of_a_plain_model_under_another_name_trains(gpt2_tokenizer):
 
 
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)
-def test_no_model_is_one_line_saying_where_to_put_it(callback, gpt2_tokenizer):
+def test_no_model_is_one_line_saying_where_to_put_it(callback, tiny_tokenizer):
     class NoModelLM(UserLM):
         pass
 
-    module = NoModelLM(None, gpt2_tokenizer)
+    module = NoModelLM(None, tiny_tokenizer)
     module.layers = nn.ModuleList([tiny_llama()])  # a model inside a container is not guessed at
     kwargs = {"text": TEXT} if callback is PerplexityEvaluation else {"method": "rtn"} if callback is PostTrainingQuantization else {}
     with pytest.raises(SlimtuneError) as err:
@@ -162,11 +165,11 @@ def test_no_model_is_one_line_saying_where_to_put_it(callback, gpt2_tokenizer):
 
 
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)
-def test_a_student_and_a_teacher_need_model_argument(callback, gpt2_tokenizer):
+def test_a_student_and_a_teacher_need_model_argument(callback, tiny_tokenizer):
     student, teacher = tiny_lora_llama(0), tiny_llama(1)
     kwargs = {"text": TEXT} if callback is PerplexityEvaluation else {"method": "rtn"} if callback is PostTrainingQuantization else {}
     with pytest.raises(SlimtuneError) as err:
-        fit(UserLM(None, gpt2_tokenizer, student=student, teacher=teacher), [callback(**kwargs)], steps=1)
+        fit(UserLM(None, tiny_tokenizer, student=student, teacher=teacher), [callback(**kwargs)], steps=1)
     message = one_line_error(err)
     assert (f"{callback.__name__} found 2 models in UserLM: student (PeftModel), teacher (LlamaForCausalLM); "
             f"valid: pass model='student' or model='teacher' to {callback.__name__}") in message
@@ -208,12 +211,12 @@ def test_self_model_wins_and_an_unregistered_teacher_is_a_candidate():
     ("tokenizer", "CompressionStats model='tokenizer': UserLM.tokenizer is a {tokenizer}, not an nn.Module"),
     ("another", "CompressionStats model=<LlamaForCausalLM> is not held by the UserLM being fit"),
 ], ids=["missing", "missing-inside", "not-a-module", "not-held"])
-def test_model_argument_that_names_no_model_fails_at_fit_start(model, message, gpt2_tokenizer):
-    module = UserLM(tiny_llama(), gpt2_tokenizer)
+def test_model_argument_that_names_no_model_fails_at_fit_start(model, message, tiny_tokenizer):
+    module = UserLM(tiny_llama(), tiny_tokenizer)
     cb = CompressionStats(verbose=False, model=tiny_llama(1) if model == "another" else model)
     with pytest.raises(SlimtuneError) as err:
         fit(module, [cb], steps=1)
-    assert message.format(tokenizer=type(gpt2_tokenizer).__name__) in one_line_error(err)
+    assert message.format(tokenizer=type(tiny_tokenizer).__name__) in one_line_error(err)
 
 
 # --------------------------------------------------------------------------- the tokenizer
@@ -234,7 +237,7 @@ def test_missing_tokenizer_says_where_to_put_it(text_file):
 
 
 def test_tokenizer_path_is_loaded_or_refused_in_one_line(tmp_path):
-    ppl = PerplexityEvaluation(text=TEXT, seq_len=32, max_windows=1, progress=False, tokenizer=str(GPT2_TOKENIZER))
+    ppl = PerplexityEvaluation(text=TEXT, seq_len=32, max_windows=1, progress=False, tokenizer=TINY_TOKENIZER)
     fit(UserLM(tiny_llama()), [ppl], steps=1)
     assert math.isfinite(ppl.results["after"]["ppl"])
     bad = PerplexityEvaluation(text=TEXT, seq_len=32, progress=False, tokenizer=str(tmp_path / "no-tokenizer"))
@@ -243,7 +246,7 @@ def test_tokenizer_path_is_loaded_or_refused_in_one_line(tmp_path):
     assert one_line_error(err).startswith(f"PerplexityEvaluation tokenizer='{tmp_path / 'no-tokenizer'}' could not be loaded")
 
 
-def test_perplexity_refuses_a_model_that_takes_no_input_ids(gpt2_tokenizer):
+def test_perplexity_refuses_a_model_that_takes_no_input_ids(tiny_tokenizer):
     class Bigram(nn.Module):
         def __init__(self):
             super().__init__()
@@ -252,7 +255,7 @@ def test_perplexity_refuses_a_model_that_takes_no_input_ids(gpt2_tokenizer):
         def forward(self, idx, targets=None):
             return self.table(idx)
 
-    module = UserLM(tiny_llama(), gpt2_tokenizer)
+    module = UserLM(tiny_llama(), tiny_tokenizer)
     module.bigram = Bigram()
     with pytest.raises(SlimtuneError) as err:
         fit(module, [PerplexityEvaluation(text=TEXT, seq_len=32, progress=False, model="bigram")], steps=1)
