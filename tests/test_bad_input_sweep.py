@@ -54,6 +54,7 @@ def _make_inputs(folder: Path) -> None:
     file("no_config_model/model.safetensors", b"\x00" * 16)
     file("adapter_folder/adapter_config.json", "{}")
     file("broken_config_model/config.json", "{not json")
+    file("no_data_folder/slides.pdf", "%PDF-1.4")
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.0", "loops": {}, "optimizer_states": [],
                 "hook": _RunsCodeWhenUnpickled()}, folder / "pickle_bomb.ckpt")
     torch.save({"weight": torch.zeros(2)}, folder / "plain_tensors.ckpt")
@@ -71,7 +72,7 @@ def _cases() -> list[Case]:
     f = {name: "{inputs}/" + name for name in (
         "binary.txt", "latin1.txt", "garbage.jsonl", "fake.parquet", "weights.bin", "notes.ckpt", "afile",
         "no_config_model", "adapter_folder", "broken_config_model", "pickle_bomb.ckpt", "plain_tensors.ckpt",
-        "weights_only.ckpt")}
+        "weights_only.ckpt", "no_data_folder")}
     no_gpu = not torch.cuda.is_available()
     too_many = 64 if (os.cpu_count() or 1) < 64 else 100_000
     cases = [
@@ -100,6 +101,7 @@ def _cases() -> list[Case]:
         Case("max_steps_fraction", (TINY, "trainer.max_steps=2.5"), "trainer.max_steps=2.5"),
         Case("never_stops", (TINY, "trainer.max_steps=-1", "trainer.max_epochs=-1"), "trainer.max_steps=-1"),
         Case("max_epochs_abc", (TINY, "trainer.max_epochs=abc"), "trainer.max_epochs='abc'"),
+        Case("max_epochs_zero", (TINY, "trainer.max_epochs=0"), "trainer.max_epochs=0"),
         Case("devices_zero", (TINY, "trainer.devices=0"), "trainer.devices=0"),
         Case("accumulate_zero", (TINY, "trainer.accumulate_grad_batches=0"), "trainer.accumulate_grad_batches=0"),
         Case("clip_negative", (TINY, "trainer.gradient_clip_val=-1"), "trainer.gradient_clip_val=-1"),
@@ -123,6 +125,7 @@ def _cases() -> list[Case]:
         Case("seed_negative", (TINY, "seed=-1"), "seed=-1"),
         Case("checkpoint_every_zero", (TINY, "checkpoint.every_n_train_steps=0"), "checkpoint.every_n_train_steps=0"),
         Case("save_top_k_abc", (TINY, "checkpoint.save_top_k=abc"), "checkpoint.save_top_k='abc'"),
+        Case("save_top_k_without_metric", (TINY, "checkpoint.save_top_k=2"), "checkpoint.save_top_k=2"),
         Case("export_flag_maybe", (TINY, "export.merged=maybe"), "export.merged='maybe'"),
         # names that are not among the valid ones
         Case("dtype_unknown", (TINY, "model.dtype=float8"), "'float8'"),
@@ -141,6 +144,10 @@ def _cases() -> list[Case]:
         Case("lora_bias_unknown", (TINY, "model.lora.bias=some"), "model.lora.bias='some'"),
         # files and folders
         Case("data_missing", (TINY, "data.path=/nonexistent/train.txt"), "/nonexistent/train.txt"),
+        Case("data_path_number", (TINY, "data.path=123"), "data.path=123"),
+        Case("data_folder_without_data", (TINY, f"data.path={f['no_data_folder']}"), f["no_data_folder"]),
+        Case("model_config_string", (TINY, "model.config=abc"), "model.config='abc'"),
+        Case("model_config_bad_field", (TINY, "model.config.hidden_size=abc"), "'abc'"),
         Case("data_latin1", (TINY, f"data.path={f['latin1.txt']}"), f["latin1.txt"]),
         Case("data_jsonl_garbage", (TINY, f"data.path={f['garbage.jsonl']}"), f["garbage.jsonl"]),
         Case("data_fake_parquet", (TINY, f"data.path={f['fake.parquet']}"), f["fake.parquet"]),

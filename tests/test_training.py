@@ -153,13 +153,13 @@ def test_failure_during_fit_removes_the_folder_it_created(tmp_path, text_file):
     # step 5, before any checkpoint is saved).
     overrides = [f"data.path={text_file}", "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
                  "+callbacks.stop.monitor=no/such/metric"]
-    cfg = compose(*tiny_run_overrides(tmp_path, *overrides))
+    cfg = compose(*tiny_run_overrides(tmp_path / "new" / "parents", *overrides))
     with pytest.raises(RuntimeError, match="no/such/metric"):
         run(cfg)
-    assert not Path(cfg.output_dir).exists()
+    assert not (tmp_path / "new").exists()  # the output folder and the parents the run created
     # A folder that existed before is the user's: left as it is, with what the failed run logged.
-    Path(cfg.output_dir).mkdir()
+    Path(cfg.output_dir).mkdir(parents=True)
     (Path(cfg.output_dir) / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="no/such/metric"):
-        run(compose(*tiny_run_overrides(tmp_path, *overrides)))
+        run(cfg)
     assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"

@@ -208,7 +208,8 @@ SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.gradient_checkpointing", _bool, "true or false"),
     ("model.trust_remote_code", _bool, "true or false"),
     ("checkpoint.every_n_train_steps", _or_none(_int_at_least(1)), "a positive integer, or null (end of each epoch)"),
-    ("checkpoint.save_top_k", _int_at_least(-1), "an integer >= -1 (-1: keep all, 0: only last.ckpt)"),
+    ("checkpoint.save_top_k", lambda v: _is_int(v) and v in (-1, 0, 1),  # no monitored metric: Lightning's limits
+     "-1 (keep every checkpoint), 0 (only last.ckpt) or 1 (the latest)"),
     ("export.adapter", _bool, "true or false"),
     ("export.merged", _bool, "true or false"),
     ("export.quantized", _bool, "true or false"),

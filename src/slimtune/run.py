@@ -306,29 +306,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     job = prepare(cfg)
     out = Path(cfg.output_dir)
-    created_here = not out.exists()
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # what mkdir(parents=True) creates
     try:
         return finish(fit(job))
     except BaseException:
-        if created_here:
-            _remove_if_nothing_useful(out)
+        if missing:
+            _remove_if_nothing_useful(out, outermost=missing[-1])
         raise
 
 
 EXPORTS = ("adapter", "quantized", "compressed_tensors", "merged")  # folders finish() writes
 
 
-def _remove_if_nothing_useful(out: Path) -> None:
+def _remove_if_nothing_useful(out: Path, outermost: Path) -> None:
     """A folder this run created and then failed in, holding no checkpoint (to resume from) and no export, holds only
-    the logs of a failed start: removed, so a failure leaves nothing behind. Exports themselves are never half-written
-    (`slimtune.models.merge.atomic_directory`)."""
+    the logs of a failed start: removed, with the empty parents the run created up to `outermost`, so a failure
+    leaves nothing behind. Exports themselves are never half-written (`slimtune.models.merge.atomic_directory`)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) != 0 or not out.is_dir():
         return
     useful = any((out / "checkpoints").glob("*.ckpt")) or any((out / name).exists() for name in EXPORTS)
-    if not useful:
-        shutil.rmtree(out, ignore_errors=True)
+    if useful:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.parents:
+        if parent == outermost.parent:
+            break
+        try:
+            parent.rmdir()  # only while empty: never anything another process put there meanwhile
+        except OSError:
+            break
 
 
 def _metric(trainer, key: str):

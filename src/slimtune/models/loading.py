@@ -190,8 +190,9 @@ def load_config(model_cfg):
                                 "e.g. llama, mistral, qwen2, gpt2")
         try:
             return AutoConfig.for_model(model_type, **config)
-        except (TypeError, ValueError) as err:  # a setting of the wrong type or out of range for that model type
-            raise SlimtuneError(f"model.config ({model_type}) is not valid: {str(err).splitlines()[0]}") from err
+        except Exception as err:  # noqa: BLE001 - TypeError/ValueError or huggingface_hub's strict-dataclass error
+            reason = next((line.strip() for line in str(err.__cause__ or err).splitlines() if line.strip()), "")
+            raise SlimtuneError(f"model.config ({model_type}) is not valid: {reason or type(err).__name__}") from err
     source = resolve_source(model_cfg)
     if source.kind == "hub":
         known = _KNOWN_CONFIGS / (source.path.replace("/", "--") + ".json")
