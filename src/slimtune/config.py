@@ -268,12 +268,15 @@ def _check_folder(out: Path) -> Path:
 
 def check_config(cfg: DictConfig) -> dict:
     """Check a composed run config before anything is loaded or written; raises one SlimtuneError naming the first
-    bad value and what is valid. Cheap (no torch import for the value checks); returns the resolved values.
+    bad value and what is valid. Returns the resolved values. The value, path and data checks run before torch is
+    imported (train.py answers those in about a second).
 
-    Covers the type and range of every numeric and boolean setting, the trainer's step/epoch limits, the output
-    folder, the resume checkpoint path, the model source (one of name_or_path / config, an existing path, a model
-    folder with config.json) and the data files (they exist and hold text). `slimtune.run.prepare` adds what needs
-    torch or Lightning: the checkpoint's contents, accelerator/devices/strategy/precision, optimizer and scheduler.
+    Covers the type and range of every numeric and boolean setting (SETTINGS), the trainer's step/epoch limits, the
+    output folder (creatable, checked without creating it), the data files (they exist and hold text), a GPU
+    accelerator without a GPU, model dtype/quantization/finetune, the model source (name_or_path or config, not both;
+    an existing path; a model folder with config.json) and the resume checkpoint (read safely, a Lightning checkpoint
+    with optimizer state). `slimtune.run.prepare` adds what needs Lightning (devices, strategy, precision, optimizer,
+    scheduler, logger, callbacks) and, once the model is built, whether the checkpoint fits it.
     """
     values = resolved_values(cfg)
     for key, is_valid, valid in SETTINGS:
