@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ CASES = _cases()
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
+def inputs(tmp_path_factory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("bad_inputs")
     _make_inputs(folder)
     yield folder
