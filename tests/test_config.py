@@ -86,7 +86,7 @@ def test_cli_help_lists_recipes_and_cfg_job_prints_config():
 
 def test_cli_unknown_recipe_is_one_line_error():
     result = _train("recipe=nope")
-    assert result.returncode != 0
+    assert result.returncode == 2  # slimtune.errors.EXIT_STATUS: bad input
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error: unknown recipe 'nope'; valid:")
 

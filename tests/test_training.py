@@ -133,3 +133,33 @@ def test_missing_model_path_writes_nothing(tmp_path):
     with pytest.raises(SlimtuneError, match=r"model path './no/such/model' does not exist"):
         prepare(cfg)
     assert not Path(cfg.output_dir).exists()
+
+
+def test_checkpoint_of_another_model_is_one_line_error(tmp_path, text_file):
+    first = compose(*tiny_run_overrides(tmp_path / "r8", f"data.path={text_file}", "trainer.max_steps=2",
+                                        "export.merged=false", "export.adapter=false", "callbacks=[]"))
+    run(first)
+    ckpt = Path(first.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = compose(*tiny_run_overrides(tmp_path / "r4", f"data.path={text_file}", "model.lora.r=4", f"ckpt_path={ckpt}"))
+    with pytest.raises(SlimtuneError, match=r"does not fit this model: .* is \[8, 64\] in the checkpoint and \[4, 64\]") as err:
+        prepare(cfg)
+    assert "\n" not in str(err.value)
+    assert not Path(cfg.output_dir).exists()
+    prepare(compose(*tiny_run_overrides(tmp_path / "r8b", f"data.path={text_file}", f"ckpt_path={ckpt}")))  # same model: fits
+
+
+def test_failure_during_fit_removes_the_folder_it_created(tmp_path, text_file):
+    # A real misconfiguration only fit can find: early stopping on a metric no step logs (raises at the first validation,
+    # step 5, before any checkpoint is saved).
+    overrides = [f"data.path={text_file}", "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+                 "+callbacks.stop.monitor=no/such/metric"]
+    cfg = compose(*tiny_run_overrides(tmp_path / "new" / "parents", *overrides))
+    with pytest.raises(RuntimeError, match="no/such/metric"):
+        run(cfg)
+    assert not (tmp_path / "new").exists()  # the output folder and the parents the run created
+    # A folder that existed before is the user's: left as it is, with what the failed run logged.
+    Path(cfg.output_dir).mkdir(parents=True)
+    (Path(cfg.output_dir) / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="no/such/metric"):
+        run(cfg)
+    assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"

@@ -1,4 +1,6 @@
-"""One error type for bad input: the run prints its message as a single line and exits 2."""
+"""One error type for bad input: `python train.py` prints its message as one `error: ...` line on stderr and exits 2."""
+
+EXIT_STATUS = 2  # bad input (as argparse and most Unix tools); 1 stays for crashes, 0 for a finished run
 
 
 class SlimtuneError(ValueError):

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from slimtune.errors import SlimtuneError
+from slimtune.errors import SlimtuneError, choices
+
+if TYPE_CHECKING:  # torch loads with the model; bad input fails before, in about a second
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +84,95 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger):
     return L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=logger, default_root_dir=cfg.output_dir)
 
 
-def _check_output_dir(cfg: DictConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise SlimtuneError(f"output_dir {str(out)!r} is a file; valid: a folder path")
-    return out
+@contextlib.contextmanager
+def _quiet():
+    """No log lines or warnings from a throwaway object (the check Trainer would print its device summary twice)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The accelerator, devices, strategy and precision must run on this machine: Lightning builds a throwaway Trainer
+    from cfg.trainer (its own checks, so any strategy Lightning accepts passes), before anything is written."""
+    import lightning.pytorch as L
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from slimtune.config import check_accelerator, check_cpu_processes
+
+    trainer_cfg = cfg.trainer
+    check_accelerator(trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"))
+    settings = ", ".join(f"trainer.{key}={_brief(trainer_cfg.get(key))}" for key in
+                         ("accelerator", "devices", "strategy", "precision") if key in trainer_cfg)
+    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    strategy = trainer_cfg.get("strategy", "auto")
+    _check_target(strategy, "trainer.strategy")
+    kwargs["strategy"] = _instantiate(strategy) if isinstance(strategy, DictConfig) else strategy
+    kwargs.update(logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=str(cfg.output_dir))
+    with _quiet():
+        try:
+            trainer = L.Trainer(**kwargs)
+        except TypeError as err:
+            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            if unexpected:
+                import inspect
+
+                valid = sorted(k for k in inspect.signature(L.Trainer).parameters if k not in ("self", "callbacks", "logger"))
+                raise SlimtuneError(f"trainer.{unexpected.group(1)} is not a Lightning Trainer argument; valid: "
+                                    f"{choices(valid)}") from err
+            raise SlimtuneError(f"trainer settings ({settings}) are not valid: {_first_line(err)}") from err
+        except Exception as err:  # Lightning's MisconfigurationException / ValueError name the setting and the options
+            raise SlimtuneError(f"trainer settings ({settings}) cannot run on this machine: {_first_line(err)}") from err
+    if isinstance(trainer.accelerator, CPUAccelerator):  # Lightning would start that many processes, however few CPUs
+        check_cpu_processes(trainer_cfg.get("devices"), trainer.num_devices)
+
+
+def _brief(value) -> str:
+    if isinstance(value, DictConfig):
+        return str(value.get("_target_", "{...}")).rsplit(".", 1)[-1]
+    return repr(value)
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def _check_target(node: Any, key: str) -> None:
+    """A `_target_` class must import (the logger is built only when the run starts writing)."""
+    if isinstance(node, DictConfig) and "_target_" in node:
+        from hydra.utils import get_object
+
+        try:
+            with _quiet():  # get_object also logs the failure
+                get_object(str(node._target_))
+        except Exception as err:  # noqa: BLE001 - Hydra's ImportError around the ModuleNotFoundError/AttributeError
+            raise SlimtuneError(f"{key}._target_={str(node._target_)!r} cannot be imported "
+                                f"({_first_line(err.__cause__ or err)}); valid: an importable class path") from err
+
+
+def check_checkpoint_fits(path: str, shapes: dict[str, tuple[int, ...]], module) -> None:
+    """The checkpoint's weights must be this model's trainable weights (LoRA) or all of them (full fine-tune), with
+    the same shapes: otherwise Lightning fails mid-restore, or silently skips what it does not know."""
+    if module.trainable_only:
+        expected = {f"model.{n}": tuple(p.shape) for n, p in module.model.named_parameters() if p.requires_grad}
+    else:
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    valid = "valid: a checkpoint of a run with the same model and LoRA settings, or ckpt_path=null"
+    wrong = [key for key in shapes if key in expected and shapes[key] != expected[key]]
+    if wrong:
+        raise SlimtuneError(f"ckpt_path {path!r} does not fit this model: {wrong[0]!r} is {list(shapes[wrong[0]])} in "
+                            f"the checkpoint and {list(expected[wrong[0]])} in the model ({len(wrong)} such); {valid}")
+    unknown = [key for key in shapes if key not in expected]
+    absent = [key for key in expected if key not in shapes]
+    if unknown or absent:
+        example = unknown[0] if unknown else absent[0]
+        raise SlimtuneError(f"ckpt_path {path!r} does not fit this model: {len(unknown)} of its weights are not in the "
+                            f"model and {len(absent)} of the model's are not in it (e.g. {example!r}); {valid}")
 
 
 @dataclass
@@ -100,33 +190,43 @@ class Job:
 
 
 def prepare(cfg: DictConfig) -> Job:
-    """Check every input and build tokenizer, data, model and callbacks; nothing is written yet."""
+    """Check every input and build tokenizer, data, model and callbacks; nothing is written yet.
+
+    The checks come first, before anything loads (and prints): config values, paths, data files and model source
+    (`slimtune.config.check_config`), then the checkpoint's contents, the trainer on this machine, optimizer,
+    scheduler and callbacks. Only what needs the loaded model (LoRA targets, the checkpoint's shapes) comes later.
+    """
     import lightning.pytorch as L
 
+    from slimtune.config import check_checkpoint, check_config, checkpoint_file
     from slimtune.data.datasets import load_raw, tokenize
     from slimtune.lightning import CausalLMDataModule, CausalLMModule
-    from slimtune.models import load_model, load_tokenizer, resolve_source
-    from slimtune.models.loading import quantization_of
+    from slimtune.lightning.module import OPTIMIZERS, SCHEDULERS
+    from slimtune.models import load_model, load_tokenizer
 
     started = time.perf_counter()
-    out = _check_output_dir(cfg)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    resolve_source(cfg.model)  # a missing path fails here, before any work
-    quantization_of(cfg.model)
-    from slimtune.callbacks.ptq import check_run_config
+    check_config(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_file = checkpoint_file(cfg.get("ckpt_path"), out)
+    ckpt_shapes = check_checkpoint(ckpt_file) if ckpt_file else None  # checked by check_config; here for the shapes
+    check_trainer(cfg)
+    for key, valid in (("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULERS)):
+        name = OmegaConf.select(cfg, key)
+        if name is not None and name not in valid:
+            raise SlimtuneError(f"{key}={name!r} is not supported; valid: {choices(valid)}")
+    _check_target(cfg.get("logger"), "logger")
+    from slimtune.callbacks.ptq import check_run_config  # loads PEFT and bitsandbytes: after the Lightning checks
 
     check_run_config(cfg)  # PostTrainingQuantization needs a float, frozen base
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and ckpt_path != "last" and not Path(ckpt_path).is_file():
-        raise SlimtuneError(f"ckpt_path {ckpt_path!r} does not exist; valid: a .ckpt file, 'last', or null")
-    if ckpt_path == "last" and not (out / "checkpoints" / "last.ckpt").is_file():
-        raise SlimtuneError(f"ckpt_path=last but {str(out / 'checkpoints' / 'last.ckpt')!r} does not exist; run without ckpt_path first")
+    callbacks = build_callbacks(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tokenizer = load_tokenizer(cfg.model)
     data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
     model = load_model(cfg.model)
     module = CausalLMModule(model, tokenizer, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
+    if ckpt_shapes is not None:
+        check_checkpoint_fits(ckpt_file, ckpt_shapes, module)
     datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
-    callbacks = build_callbacks(cfg)
     if (cfg.get("export") or {}).get("compressed_tensors", False):
         from slimtune.callbacks.ptq import check_compressed_tensors_export
 
@@ -137,24 +237,21 @@ def prepare(cfg: DictConfig) -> Job:
 def fit(job: Job) -> Job:
     """Create the output folder, the logger and the Trainer, and train (resuming from cfg.ckpt_path)."""
     cfg = job.cfg
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what access() could not foresee (e.g. root on a read-only mount)
+        raise SlimtuneError(f"output_dir {str(cfg.output_dir)!r} cannot be created: {err.strerror or err}") from err
+    from slimtune.config import checkpoint_file
+
     logger = build_logger(cfg)
-    ckpt_file = resolve_ckpt_path(cfg)
+    ckpt_file = checkpoint_file(cfg.get("ckpt_path"), Path(cfg.output_dir))
     if logger and ckpt_file is not None:
-        _keep_logged_rows(logger, ckpt_file)
+        _keep_logged_rows(logger, Path(ckpt_file))
     job.trainer = build_trainer(cfg, job.callbacks, logger)
     if logger:
         job.trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     return job
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
-    """The checkpoint file `ckpt_path` names (`last`: <output_dir>/checkpoints/last.ckpt), or None."""
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path:
-        return None
-    return Path(cfg.output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
 
 
 def _keep_logged_rows(logger, ckpt_file: Path) -> None:
@@ -171,6 +268,8 @@ def _keep_logged_rows(logger, ckpt_file: Path) -> None:
     metrics_file = Path(logger.log_dir) / "metrics.csv"
     if not metrics_file.is_file():
         return
+    import torch
+
     checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
     resumed_at = int(checkpoint.get("global_step", 0))
     with metrics_file.open(newline="") as handle:
@@ -243,9 +342,42 @@ def finish(job: Job) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says and return the report (also written to `<output_dir>/report.json`).
 
-    Every input is checked before the output folder is created, so bad input leaves nothing behind.
+    Every input is checked before the output folder is created, so bad input leaves nothing behind; a run that
+    fails later removes the folder it created if nothing useful is in it (see `_remove_if_nothing_useful`).
     """
-    return finish(fit(prepare(cfg)))
+    job = prepare(cfg)
+    out = Path(cfg.output_dir)
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # what mkdir(parents=True) creates
+    try:
+        return finish(fit(job))
+    except BaseException:
+        if missing:
+            _remove_if_nothing_useful(out, outermost=missing[-1])
+        raise
+
+
+EXPORTS = ("adapter", "quantized", "compressed_tensors", "merged")  # folders finish() writes
+
+
+def _remove_if_nothing_useful(out: Path, outermost: Path) -> None:
+    """A folder this run created and then failed in, holding no checkpoint (to resume from) and no export, holds only
+    the logs of a failed start: removed, with the empty parents the run created up to `outermost`, so a failure
+    leaves nothing behind. Exports themselves are never half-written (`slimtune.models.merge.atomic_directory`)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0 or not out.is_dir():
+        return
+    useful = any((out / "checkpoints").glob("*.ckpt")) or any((out / name).exists() for name in EXPORTS)
+    if useful:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.parents:
+        if parent == outermost.parent:
+            break
+        try:
+            parent.rmdir()  # only while empty: never anything another process put there meanwhile
+        except OSError:
+            break
 
 
 def _metric(trainer, key: str):

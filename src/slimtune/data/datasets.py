@@ -7,6 +7,7 @@ tokenize again, and a changed tokenizer or block size never reuses a stale cache
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -23,6 +24,7 @@ FORMATS = ("auto", "text", "chat", "instruct")
 TEXT_SUFFIXES = {".txt", ".raw", ".md", ".text"}
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", **{s: "text" for s in TEXT_SUFFIXES}}
 IGNORE_INDEX = -100
+_SNIFF_BYTES = 1 << 20  # the head of each data file checked for text before loading (datasets reports the rest)
 
 # A plain ChatML template for tokenizers that ship none (GPT-2, many base models).
 DEFAULT_CHAT_TEMPLATE = (
@@ -64,6 +66,8 @@ def resolve_files(path) -> list[str]:
             found = [str(expanded)]
         else:
             found = sorted(glob.glob(str(expanded)))
+        if not found and expanded.is_dir():
+            raise SlimtuneError(f"data.path folder {p!r} holds no data file; valid suffixes: {choices(sorted(BUILDERS))}")
         if not found:
             raise SlimtuneError(
                 f"data.path {p!r} does not exist; valid: a file, a folder, a glob, 'default', or a named set ({choices(SOURCES)})"
@@ -75,7 +79,44 @@ def resolve_files(path) -> list[str]:
         raise SlimtuneError(
             f"data.path files {bad or files} have unsupported or mixed types; valid suffixes: {choices(sorted(BUILDERS))}"
         )
+    for f in files:
+        check_file_type(f)
     return files
+
+
+def check_file_type(path: str) -> None:
+    """A data file must hold what its suffix says (UTF-8 text; JSON lines; Parquet), checked on its first megabyte so
+    a binary or wrongly encoded file is one line here rather than a `datasets` traceback mid-load."""
+    builder = BUILDERS[Path(path).suffix.lower()]
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError as err:
+        raise SlimtuneError(f"data.path file {path!r} cannot be read: {err.strerror or err}") from err
+    if builder == "parquet":
+        if head[:4] != b"PAR1":
+            raise SlimtuneError(f"data.path file {path!r} is not a Parquet file; valid: a .parquet file written by "
+                                "pyarrow/pandas, or rename it to its real type")
+        return
+    if b"\x00" in head:
+        raise SlimtuneError(f"data.path file {path!r} is binary (it holds NUL bytes), not text; valid: UTF-8 text files "
+                            f"({choices(sorted(s for s, b in BUILDERS.items() if b != 'parquet'))}) or .parquet")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as err:
+        raise SlimtuneError(f"data.path file {path!r} is not UTF-8 text (byte 0x{head[err.start]:02x} at offset "
+                            f"{err.start}); valid: UTF-8 text (convert it, e.g. iconv -t utf-8)") from err
+    if Path(path).suffix.lower() == ".jsonl":
+        lines = [line for line in text.splitlines() if line.strip()]
+        first = lines[0] if lines else None
+        if first is not None and (len(lines) > 1 or len(head) < _SNIFF_BYTES):  # only a complete first record
+            try:
+                is_object = isinstance(json.loads(first), dict)
+            except ValueError:
+                is_object = False
+            if not is_object:
+                raise SlimtuneError(f"data.path file {path!r} is not JSON lines (its first line is not a JSON object: "
+                                    f"{first[:40]!r}); valid: one JSON object per line")
 
 
 def load_raw(data_cfg):
@@ -103,9 +144,11 @@ def load_raw(data_cfg):
             raw = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except SlimtuneError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetsError) as err:
         what = f"data.dataset {name!r}" if name else f"data.path {path!r}"
-        raise SlimtuneError(f"{what} could not be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        # DatasetGenerationError says only "An error occurred while generating the dataset": its cause names the problem
+        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
+        raise SlimtuneError(f"{what} could not be loaded: {str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__}") from err
     max_examples = _get(data_cfg, "max_examples")
     if max_examples:
         raw = raw.select(range(min(int(max_examples), len(raw))))

@@ -66,6 +66,10 @@ def resolve_source(model_cfg) -> ModelSource:
     name = _get(model_cfg, "name_or_path")
     gguf_file = _get(model_cfg, "gguf_file")
     if config is not None:
+        if name or gguf_file:  # config would silently win: a random model trained instead of the one named
+            given = f"model.name_or_path={name!r}" if name else f"model.gguf_file={gguf_file!r}"
+            raise SlimtuneError(f"{given} and model.config are both set (config builds a random model); valid: one of "
+                                f"them: add model.config=null to load {name or gguf_file!r}, or drop {given.split('=')[0]}")
         return ModelSource("config")
     if not name:
         raise SlimtuneError("model.name_or_path is empty; give a hub id, a local folder, a .gguf file, or model.config")
@@ -93,6 +97,37 @@ def resolve_source(model_cfg) -> ModelSource:
     return ModelSource("hub", name)
 
 
+def check_source(model_cfg) -> ModelSource:
+    """`resolve_source`, plus what a run checks before loading: a local folder holds a transformers model
+    (config.json), and a `model.config` names a model type transformers knows and builds a config."""
+    source = resolve_source(model_cfg)
+    if source.kind == "local":
+        folder = Path(source.path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            what = ("is a LoRA adapter folder (adapter_config.json), not a model" if (folder / "adapter_config.json").is_file()
+                    else "has no config.json")
+            raise SlimtuneError(f"model folder {source.path!r} {what}; valid: a folder written by save_pretrained "
+                                "(config.json + weights, e.g. <output_dir>/merged), a hub id, a .gguf file, or model.config")
+        try:
+            json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SlimtuneError(f"model folder {source.path!r} has a config.json that is not valid JSON "
+                                f"({str(err).splitlines()[0]}); valid: the config.json save_pretrained writes") from err
+    elif source.kind == "config":
+        load_config(model_cfg)
+    tokenizer = _get(model_cfg, "tokenizer")
+    if tokenizer and not str(tokenizer).startswith("pkg:"):
+        tok_path = Path(str(tokenizer)).expanduser()
+        looks_like_path = str(tokenizer).startswith((".", "/", "~")) or not _HUB_ID.match(str(tokenizer))
+        if looks_like_path and not tok_path.exists():
+            raise SlimtuneError(f"model.tokenizer {str(tokenizer)!r} does not exist; valid: a tokenizer folder, a hub "
+                                "id, or null (the model's own tokenizer)")
+    elif tokenizer:
+        resolve_package_path(str(tokenizer))
+    return source
+
+
 def dtype_of(model_cfg) -> torch.dtype:
     name = str(_get(model_cfg, "dtype", "float32"))
     if name not in DTYPES:
@@ -109,6 +144,16 @@ def quantization_of(model_cfg) -> str:
     if quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise SlimtuneError(f"model.quantization={quant!r} needs bitsandbytes, which is not installed (pip install bitsandbytes)")
     return quant
+
+
+def finetune_of(model_cfg) -> str:
+    finetune = str(_get(model_cfg, "finetune", "lora"))
+    if finetune not in FINETUNES:
+        raise SlimtuneError(f"model.finetune={finetune!r} is not supported; valid: {choices(FINETUNES)}")
+    quant = quantization_of(model_cfg)
+    if finetune == "full" and quant != "none":
+        raise SlimtuneError(f"model.finetune=full cannot train a {quant} base; valid: finetune=lora, or quantization=none")
+    return finetune
 
 
 def bnb_config(model_cfg):
@@ -139,7 +184,16 @@ def load_config(model_cfg):
         model_type = config.pop("model_type", None)
         if model_type is None:
             raise SlimtuneError("model.config needs a model_type (e.g. llama, mistral, gpt2)")
-        return AutoConfig.for_model(model_type, **config)
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise SlimtuneError(f"model.config.model_type={model_type!r} is not a transformers model type; valid: "
+                                "e.g. llama, mistral, qwen2, gpt2")
+        try:
+            return AutoConfig.for_model(model_type, **config)
+        except Exception as err:  # noqa: BLE001 - TypeError/ValueError or huggingface_hub's strict-dataclass error
+            reason = next((line.strip() for line in str(err.__cause__ or err).splitlines() if line.strip()), "")
+            raise SlimtuneError(f"model.config ({model_type}) is not valid: {reason or type(err).__name__}") from err
     source = resolve_source(model_cfg)
     if source.kind == "hub":
         known = _KNOWN_CONFIGS / (source.path.replace("/", "--") + ".json")
@@ -277,12 +331,7 @@ def prepare_for_training(model: nn.Module, model_cfg):
     """Freeze the base and add LoRA (or unfreeze everything for a full fine-tune); gradient checkpointing if asked."""
     from peft import get_peft_model
 
-    finetune = str(_get(model_cfg, "finetune", "lora"))
-    if finetune not in FINETUNES:
-        raise SlimtuneError(f"model.finetune={finetune!r} is not supported; valid: {choices(FINETUNES)}")
-    quant = quantization_of(model_cfg)
-    if finetune == "full" and quant != "none":
-        raise SlimtuneError(f"model.finetune=full cannot train a {quant} base; valid: finetune=lora, or quantization=none")
+    finetune = finetune_of(model_cfg)
     if _get(model_cfg, "gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base the embeddings output needs grad, or checkpointed blocks get no gradient path.
