@@ -65,8 +65,8 @@ def overrides(args, variant: str, out: str) -> list[str]:
         "trainer.enable_progress_bar=false",
         *PTQ.get(variant, ["callbacks=[perplexity]"]),  # held-out blocks scored before training
         f"callbacks.perplexity.max_windows={args.val_batches * args.batch_size}",
-        "+callbacks.perplexity.at=[fit_start]",
-        "+callbacks.perplexity.progress=false",
+        "callbacks.perplexity.at=[fit_start]",
+        "callbacks.perplexity.progress=false",
         "export.adapter=false",
         "export.merged=false",
         f"output_dir={out}",
