@@ -97,11 +97,13 @@ def check_exports(cfg: DictConfig, callbacks: list) -> None:
             raise SlimtuneError(f"export.{key}={value!r} is not valid; valid: true, false or null")
         if value is True and key not in BUILTIN_EXPORTS and key not in claimed:
             writers = _preset_writers(key)
-            valid = (f"add one to callbacks (presets: {', '.join(writers)})" if writers else
-                     "add a callback whose exports include it")
-            classes = sorted({cls for cls in writers.values()})
-            raise SlimtuneError(f"export.{key}=true needs a {' or '.join(classes) or 'callback'} callback and none "
-                                f"in this run writes it; valid: {valid}, or export.{key}=false")
+            if writers:
+                classes = " or ".join(sorted(set(writers.values())))
+                raise SlimtuneError(f"export.{key}=true needs a {classes} callback and none in this run writes it; "
+                                    f"valid: add one to callbacks (presets: {', '.join(writers)}), or "
+                                    f"export.{key}=false")
+            raise SlimtuneError(f"export.{key}=true: no callback in this run writes it; valid: add a callback whose "
+                                f"exports include {key!r}, or export.{key}=false")
 
 
 def _preset_writers(key: str) -> dict[str, str]:
