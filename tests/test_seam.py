@@ -1,11 +1,15 @@
 """The run's seam for compression methods: a callback of one's own, named by `_target_` in the config, is checked,
 ordered, reported and exported by the run exactly as slimtune's own methods are."""
 
+import csv
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
-from conftest import compose, tiny_run_overrides
+from conftest import ROOT, compose, tiny_run_overrides
 
 from slimtune.callbacks import CompressionStats, PerplexityEvaluation, PostTrainingQuantization
 from slimtune.callbacks._base import SlimtuneCallback, export_switch
@@ -139,3 +143,34 @@ def test_callbacks_are_sorted_stably_by_run_order_and_checked_in_that_order(tmp_
     run(cfg)
     assert [e[1] for e in EVENTS if e[0] == "check_run"] == ["early", "late"]
     assert [e[1] for e in EVENTS if e[0] == "export"] == ["early", "late"]
+
+
+def readme_method(monkeypatch) -> types.ModuleType:
+    """The README's own-method snippet as the module `readme_method` (what `my_methods.py` would be)."""
+    match = re.search(r"<!-- snippet: own-method -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, "README.md lost its own-method snippet"
+    module = types.ModuleType("readme_method")
+    exec(compile(match.group(1), "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "readme_method", module)
+    return module
+
+
+def test_the_readme_method_joins_a_run_through_both_seams(tmp_path, monkeypatch):
+    readme_method(monkeypatch)
+    z = "+callbacks.z={_target_: readme_method.ZLoss, coef: 0.001}"
+    cfg = quick(tmp_path, z, "+export.z_loss=true")
+    report = run(cfg)
+    out = Path(cfg.output_dir)
+    history = json.loads((out / "z_loss" / "history.json").read_text())
+    assert len(history) == 3 and report["z_last"] == history[-1] and report["z_loss_dir"] == str(out / "z_loss")
+    rows = [r for r in csv.DictReader((out / "logs" / "metrics.csv").open()) if r.get("train/loss_z")]
+    assert len(rows) == 3
+    for row in rows:  # the total is CE + the term, each logged on its own
+        assert float(row["train/loss"]) == pytest.approx(float(row["train/loss_ce"]) + float(row["train/loss_z"]),
+                                                         rel=1e-5)
+        assert float(row["train/loss_z"]) > 0
+
+    refused = quick(tmp_path / "fp16", z, "trainer.precision=16-true")
+    with pytest.raises(SlimtuneError, match="trainer.precision=16 is not valid with it"):
+        run(refused)
+    assert not Path(refused.output_dir).exists()
