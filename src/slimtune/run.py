@@ -251,7 +251,8 @@ def prepare(cfg: DictConfig) -> Job:
 
     The checks come first, before anything loads (and prints): config values, paths, data files and model source
     (`slimtune.config.check_config`), then the checkpoint's contents, the trainer on this machine, optimizer,
-    scheduler and callbacks. Only what needs the loaded model (LoRA targets, the checkpoint's shapes) comes later.
+    scheduler, callbacks, the `export.*` switches and each callback's `check_run`. Only what needs the loaded model
+    (LoRA targets, the checkpoint's shapes, each callback's `check_model`) comes later.
     """
     import lightning.pytorch as L
 
