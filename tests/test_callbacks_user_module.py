@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune.callbacks import ActivationOutlierMonitor, CompressionStats, PerplexityEvaluation, PostTrainingQuantization
 from slimtune.callbacks._base import resolve_model
-from slimtune.callbacks.outliers import linear_layers
+from slimtune.select import linear_layers
 from slimtune.errors import SlimtuneError
 from slimtune.eval.perplexity import perplexity, tokenize_eval_text
 from slimtune.quant import QuantLinear

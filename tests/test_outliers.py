@@ -87,7 +87,7 @@ def test_lora_layers_count_once_under_their_plain_names():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"patterns": ["nope_proj"]}, "ActivationOutlierMonitor pattern 'nope_proj' matches no linear layer; valid: names ending in one of q_proj"),
+    ({"patterns": ["nope_proj"]}, "ActivationOutlierMonitor pattern 'nope_proj' matches no layer; valid: names ending in one of q_proj"),
     ({"threshold": 0}, "threshold=0 is not valid; valid: a positive number"),
     ({"every_n_steps": 0}, "every_n_steps=0 is not valid; valid: a positive int"),
     ({"share_level": 1.5}, "share_level=1.5 is not valid"),

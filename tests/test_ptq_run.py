@@ -239,7 +239,7 @@ def test_lorc_rank_above_the_lora_rank_and_unknown_targets_fail_before_any_work(
     with pytest.raises(SlimtuneError, match=r"lorc_rank=16 is not valid for layer model.layers.0.self_attn.q_proj "
                                             r"\(LoRA r=8, shape 64x64\); valid: 1 to 8"):
         PostTrainingQuantization(method="rtn", lorc_rank=16, verbose=False).quantize(_tiny_lora_model())
-    with pytest.raises(SlimtuneError, match="targets pattern 'qkv_proj' matches no linear layer; valid: names ending in"):
+    with pytest.raises(SlimtuneError, match="targets pattern 'qkv_proj' matches no layer; valid: names ending in"):
         PostTrainingQuantization(method="rtn", targets=["qkv_proj"], verbose=False).quantize(_tiny_lora_model())
 
 

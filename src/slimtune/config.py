@@ -212,8 +212,8 @@ SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "-1 (keep every checkpoint), 0 (only last.ckpt) or 1 (the latest)"),
     ("export.adapter", _bool, "true or false"),
     ("export.merged", _bool, "true or false"),
-    ("export.quantized", _bool, "true or false"),
-    ("export.compressed_tensors", _bool, "true or false"),
+    ("export.quantized", _or_none(_bool), "true, false or null (written when a callback in the run makes it)"),
+    ("export.compressed_tensors", _or_none(_bool), "true, false or null"),
 )
 
 _ABSENT = object()

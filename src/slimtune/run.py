@@ -1,4 +1,9 @@
-"""The run: composed config -> tokenizer, data, model, callbacks, loggers, Trainer -> fit -> export -> report."""
+"""The run: composed config -> tokenizer, data, model, callbacks, loggers, Trainer -> fit -> export -> report.
+
+The run knows no compression method by name: it drives every slimtune callback through the seam of
+`slimtune.callbacks._base.SlimtuneCallback` (`run_order`, `exports`, `check_run`, `check_model`, `report`, `export`),
+so a method in a callback of its own (a `_target_` in `callbacks`) plugs in like slimtune's.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +47,22 @@ def _instantiate(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+BUILTIN_EXPORTS = ("adapter", "merged")  # written by the run itself; callbacks claim the others (`exports`)
+
+
+def seam_callbacks(callbacks: list) -> list:
+    """The callbacks that speak the run's seam (slimtune's base class), in list order."""
+    from slimtune.callbacks._base import SlimtuneCallback
+
+    return [cb for cb in callbacks if isinstance(cb, SlimtuneCallback)]
+
+
+def in_run_order(callbacks: list) -> list:
+    """Sorted stably by `run_order` (lower first; callbacks without one count as 100, the measuring callbacks' place):
+    methods that change the model at fit start come before anything that measures it."""
+    return sorted(callbacks, key=lambda cb: getattr(cb, "run_order", 100))
+
+
 def build_callbacks(cfg: DictConfig) -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -63,9 +84,45 @@ def build_callbacks(cfg: DictConfig) -> list:
         ))
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    from slimtune.callbacks.ptq import ptq_first
+    return in_run_order(callbacks)
 
-    return ptq_first(callbacks)  # post-training quantization runs before anything measures the model
+
+def check_exports(cfg: DictConfig, callbacks: list) -> None:
+    """Every `export.<key>` is true, false or null, and one that is true is written by the run (adapter, merged) or
+    claimed by a callback in it (its `exports`)."""
+    export = cfg.get("export") or {}
+    claimed = {key for cb in seam_callbacks(callbacks) for key in cb.exports}
+    for key, value in export.items():
+        if value is not None and not isinstance(value, bool):
+            raise SlimtuneError(f"export.{key}={value!r} is not valid; valid: true, false or null")
+        if value is True and key not in BUILTIN_EXPORTS and key not in claimed:
+            writers = _preset_writers(key)
+            if writers:
+                classes = " or ".join(sorted(set(writers.values())))
+                raise SlimtuneError(f"export.{key}=true needs a {classes} callback and none in this run writes it; "
+                                    f"valid: add one to callbacks (presets: {', '.join(writers)}), or "
+                                    f"export.{key}=false")
+            raise SlimtuneError(f"export.{key}=true: no callback in this run writes it; valid: add a callback whose "
+                                f"exports include {key!r}, or export.{key}=false")
+
+
+def _preset_writers(key: str) -> dict[str, str]:
+    """Callback presets (callbacks/*.yaml) whose class writes `export.<key>`: preset name -> class name."""
+    from hydra.utils import get_object
+
+    from slimtune.config import project_root
+
+    writers = {}
+    for path in sorted((project_root() / "callbacks").glob("*.yaml")):
+        for node in OmegaConf.load(path).values():
+            target = node.get("_target_") if isinstance(node, DictConfig) else None
+            try:
+                cls = get_object(str(target)) if target else None
+            except Exception:  # noqa: BLE001 - a preset that does not import claims nothing
+                cls = None
+            if key in getattr(cls, "exports", ()):
+                writers[path.stem] = cls.__name__
+    return writers
 
 
 def build_logger(cfg: DictConfig):
@@ -194,7 +251,8 @@ def prepare(cfg: DictConfig) -> Job:
 
     The checks come first, before anything loads (and prints): config values, paths, data files and model source
     (`slimtune.config.check_config`), then the checkpoint's contents, the trainer on this machine, optimizer,
-    scheduler and callbacks. Only what needs the loaded model (LoRA targets, the checkpoint's shapes) comes later.
+    scheduler, callbacks, the `export.*` switches and each callback's `check_run`. Only what needs the loaded model
+    (LoRA targets, the checkpoint's shapes, each callback's `check_model`) comes later.
     """
     import lightning.pytorch as L
 
@@ -215,10 +273,10 @@ def prepare(cfg: DictConfig) -> Job:
         if name is not None and name not in valid:
             raise SlimtuneError(f"{key}={name!r} is not supported; valid: {choices(valid)}")
     _check_target(cfg.get("logger"), "logger")
-    from slimtune.callbacks.ptq import check_run_config  # loads PEFT and bitsandbytes: after the Lightning checks
-
-    check_run_config(cfg)  # PostTrainingQuantization needs a float, frozen base
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg)  # nothing loads or writes yet: each method checks the run config first
+    check_exports(cfg, callbacks)
+    for cb in seam_callbacks(callbacks):
+        cb.check_run(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tokenizer = load_tokenizer(cfg.model)
     data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
@@ -227,10 +285,8 @@ def prepare(cfg: DictConfig) -> Job:
     if ckpt_shapes is not None:
         check_checkpoint_fits(ckpt_file, ckpt_shapes, module)
     datamodule = CausalLMDataModule(tokenizer, cfg.data, data=data)
-    if (cfg.get("export") or {}).get("compressed_tensors", False):
-        from slimtune.callbacks.ptq import check_compressed_tensors_export
-
-        check_compressed_tensors_export(callbacks, model)  # refuse before training, not at export time
+    for cb in seam_callbacks(callbacks):
+        cb.check_model(model, cfg)  # e.g. an export format's limits: refused before training, not at the end
     return Job(cfg, tokenizer, model, module, datamodule, callbacks, started=started)
 
 
@@ -290,9 +346,7 @@ def _number(text: str) -> int | float:
 
 
 def finish(job: Job) -> dict[str, Any]:
-    """Export the adapter and the merged model, write and log the report."""
-    from slimtune.callbacks import CompressionStats, PerplexityEvaluation, PostTrainingQuantization
-    from slimtune.callbacks.ptq import export_compressed_tensors, export_quantized
+    """Export the adapter, each callback's artefacts and the merged model; write and log the report."""
     from slimtune.models import save_adapter, save_merged
     from slimtune.models.loading import dtype_of, quantization_of
 
@@ -308,27 +362,16 @@ def finish(job: Job) -> dict[str, Any]:
         "train_tokens": module.tokens_seen,
         "train_tokens_per_s": module.tokens_seen / module.train_seconds if module.train_seconds else None,
     }
-    for cb in job.callbacks:
-        if isinstance(cb, PerplexityEvaluation):
-            for moment, result in cb.results.items():
-                report[f"{cb.name}_ppl_{moment}"] = result["ppl"]
-        if isinstance(cb, CompressionStats):
-            report.update({f"{cb.name}_{k}": v for k, v in cb.stats.items()})
-        if isinstance(cb, PostTrainingQuantization):
-            report.update(cb.report())
+    callbacks = seam_callbacks(job.callbacks)
+    for cb in callbacks:
+        report.update(cb.report())
     if not trainer.is_global_zero:
         return report
     export = cfg.get("export") or {}
     if export.get("adapter", True) and report["finetune"] == "lora":
         report["adapter_dir"] = str(save_adapter(job.model, out / "adapter", job.tokenizer))
-    if export.get("quantized", True):  # a base quantized by PostTrainingQuantization: slimtune.quant.load_quantized
-        quantized_dir = export_quantized(job.model, out / "quantized", job.tokenizer)
-        if quantized_dir is not None:
-            report["quantized_dir"] = str(quantized_dir)
-    if export.get("compressed_tensors", False):  # the same base in compressed-tensors format, for vLLM
-        ct_dir = export_compressed_tensors(job.model, out / "compressed_tensors", job.tokenizer)
-        if ct_dir is not None:
-            report["compressed_tensors_dir"] = str(ct_dir)
+    for cb in callbacks:  # e.g. quantized/ and compressed_tensors/ of PostTrainingQuantization
+        report.update(cb.export(job.model, out, job.tokenizer, cfg))
     if export.get("merged", True):
         report["merged_dir"] = str(save_merged(job.model, out / "merged", job.tokenizer, dtype=dtype_of(cfg.model)))
     report["seconds"] = time.perf_counter() - job.started
@@ -352,14 +395,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return finish(fit(job))
     except BaseException:
         if missing:
-            _remove_if_nothing_useful(out, outermost=missing[-1])
+            exports = (*BUILTIN_EXPORTS, *(key for cb in seam_callbacks(job.callbacks) for key in cb.exports))
+            _remove_if_nothing_useful(out, outermost=missing[-1], exports=exports)
         raise
 
 
-EXPORTS = ("adapter", "quantized", "compressed_tensors", "merged")  # folders finish() writes
-
-
-def _remove_if_nothing_useful(out: Path, outermost: Path) -> None:
+def _remove_if_nothing_useful(out: Path, outermost: Path, exports: tuple[str, ...] = BUILTIN_EXPORTS) -> None:
     """A folder this run created and then failed in, holding no checkpoint (to resume from) and no export, holds only
     the logs of a failed start: removed, with the empty parents the run created up to `outermost`, so a failure
     leaves nothing behind. Exports themselves are never half-written (`slimtune.models.merge.atomic_directory`)."""
@@ -367,7 +408,7 @@ def _remove_if_nothing_useful(out: Path, outermost: Path) -> None:
 
     if getattr(rank_zero_only, "rank", 0) != 0 or not out.is_dir():
         return
-    useful = any((out / "checkpoints").glob("*.ckpt")) or any((out / name).exists() for name in EXPORTS)
+    useful = any((out / "checkpoints").glob("*.ckpt")) or any((out / name).exists() for name in exports)
     if useful:
         return
     shutil.rmtree(out, ignore_errors=True)

@@ -11,7 +11,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.quant import QuantSpec
 from slimtune.quant.export import load_quantized, save_quantized, stored_bits_per_parameter
 from slimtune.quant.layers import QuantLinear, QuantLinearLora
-from slimtune.quant.model import add_lorc_adapters, quantize_model_gptq, quantize_model_nf4, quantize_model_rtn
+from slimtune.quant import add_lorc_adapters, quantize_model_gptq, quantize_model_nf4, quantize_model_rtn
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -17,7 +17,7 @@ from slimtune.quant.layers import (
     register_quant_lora,
     unpack_codes,
 )
-from slimtune.quant.model import quantize_model_rtn
+from slimtune.quant.drivers import quantize_model_rtn
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,5 @@
-"""Tests for slimtune.quant.model: layer selection, RTN/GPTQ on whole models, LoRC adapters, NF4 LoRC."""
+"""Tests for slimtune.quant on whole models: layer selection (targets), RTN/GPTQ (drivers), LoRC adapters and NF4 LoRC
+(lorc), NF4 (nf4)."""
 
 import copy
 
@@ -10,16 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slimtune.errors import SlimtuneError
 from slimtune.quant import GPTQ, QuantSpec
 from slimtune.quant.layers import QuantLinear, QuantLinearLora
-from slimtune.quant.model import (
-    add_lorc_adapters,
-    apply_lorc,
-    check_calibration,
-    find_linear_layers,
-    lorc_nf4,
-    quantize_model_gptq,
-    quantize_model_nf4,
-    quantize_model_rtn,
-)
+from slimtune.quant.drivers import check_calibration, quantize_model_gptq, quantize_model_rtn
+from slimtune.quant.lorc import add_lorc_adapters, apply_lorc, lorc_nf4
+from slimtune.quant.nf4 import quantize_model_nf4
+from slimtune.quant.targets import find_linear_layers
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Llama's true-sequential sublayer order (the GPTQ reference's).

@@ -9,6 +9,12 @@ The model a callback works on is found by `resolve_model`: the callback's `model
 name / dotted path of an attribute of the LightningModule), else `pl_module.model`, else the only transformers
 `PreTrainedModel` or PEFT `PeftModel` the LightningModule holds directly; anything else is a one-line SlimtuneError
 saying where to put the model. Callbacks call it once per fit, through `SlimtuneCallback.model_for`.
+
+`SlimtuneCallback` is also the seam between a compression method and slimtune's run (`slimtune.run`), which knows no
+method by name: it sorts callbacks by `run_order`, calls `check_run(cfg)` before anything is loaded or written,
+`check_model(model, cfg)` once the model is built, and `report()` and `export(...)` at the end. Each has a harmless
+default, so a callback implements only what it needs; state for resume is Lightning's own `state_dict()` /
+`load_state_dict()`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import numbers
 import os
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -263,14 +270,48 @@ def is_sequence(value: Any) -> bool:
 # --------------------------------------------------------------------------- the base class
 
 
+def export_switch(cfg, key: str, default: bool = False) -> bool:
+    """Whether the run config asks for the export `export.<key>`: its value when true or false; `default` when it is
+    null or absent (a callback's own default, e.g. PostTrainingQuantization writes `quantized/` unless told not to)."""
+    value = (cfg.get("export") or {}).get(key)
+    return default if value is None else bool(value)
+
+
 class SlimtuneCallback(*_callback_bases()):
-    """Base of slimtune's callbacks: a Callback of every installed Lightning package, with one way to find the model.
+    """Base of slimtune's callbacks: a Callback of every installed Lightning package, with one way to find the model,
+    and the seam through which slimtune's run drives a compression method (see the module docstring).
 
     A subclass stores its `model=` argument as `self.model` (checked with `check_model_arg`) and asks for the model
     with `model_for(pl_module)`, first in its `on_fit_start`.
     """
 
     model: Any = None
+
+    run_order: ClassVar[int] = 100
+    """Place in a run's callback list, lower first (the run sorts stably by it). Methods that change the model at fit
+    start (quantization, one-shot pruning) use 10; callbacks that measure or watch the model keep 100."""
+
+    exports: ClassVar[tuple[str, ...]] = ()
+    """The `export.<key>` switches this callback writes (e.g. `quantized`); the run refuses `export.<key>=true` that
+    no callback in it (and no built-in: adapter, merged) claims."""
+
+    def check_run(self, cfg) -> None:
+        """Check the composed run config before anything is loaded or written; raise a one-line SlimtuneError naming
+        the setting this callback cannot work with and what is valid."""
+
+    def check_model(self, model: nn.Module, cfg) -> None:
+        """Check the built model before training (e.g. a format limit the export would otherwise hit at the end)."""
+
+    def report(self) -> dict[str, Any]:
+        """Fields merged into the run's report (prefix keys with this callback's own `name` where several instances
+        may be in one run)."""
+        return {}
+
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, cfg) -> dict[str, str]:
+        """At fit end, on the main process: write this callback's artefacts under `out_dir`, into `out_dir/<key>` for
+        each `export.<key>` of `exports` that is on (`export_switch`); return report keys -> paths
+        (`{"quantized_dir": ".../quantized"}`)."""
+        return {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._found = None  # each fit looks again: the LightningModule may be another one, or hold another model

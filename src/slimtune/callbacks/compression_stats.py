@@ -46,6 +46,10 @@ class CompressionStats(SlimtuneCallback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self.measure(trainer, pl_module)
 
+    def report(self) -> dict[str, Any]:
+        """`<name>_<stat>` for each statistic of the last measurement."""
+        return {f"{self.name}_{k}": v for k, v in self.stats.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"stats": dict(self.stats)}
 

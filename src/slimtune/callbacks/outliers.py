@@ -50,7 +50,7 @@ from slimtune.callbacks._base import (
     show,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.quant.model import is_linear_like, select_names
+from slimtune.select import is_linear_like, select_layers
 
 COLUMNS = ("layer", "calls", "tokens", "channels", "max_abs", "median_abs", "max_median_ratio", "outlier_channels",
            "outlier_share", "top_channel", "kurtosis", "at_risk")
@@ -66,23 +66,6 @@ def _warn(message: str, in_trainer: bool) -> None:
             rank_zero_warn(message)
             return
     warnings.warn(message, stacklevel=3)
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers by name as the plain model names them; a PEFT LoRA layer stands for its base layer."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        BaseTunerLayer = ()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tuners = [n for n, m in base.named_modules() if n and BaseTunerLayer and isinstance(m, BaseTunerLayer)]
-    found = {}
-    for name, module in base.named_modules():
-        if not name or any(name.startswith(t + ".") for t in tuners):
-            continue
-        if name in tuners or is_linear_like(module):
-            found[name] = module
-    return found
 
 
 class _LayerStats:
@@ -217,13 +200,15 @@ class ActivationOutlierMonitor(SlimtuneCallback):
     # ------------------------------------------------------------------ standalone API
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The layers `patterns` name (minus `exclude`), in module order."""
-        layers = linear_layers(model)
-        if not layers:
-            raise SlimtuneError(f"model {type(model).__name__} has no linear layers to monitor")
-        chosen = select_names(layers, self.patterns, self.exclude, "ActivationOutlierMonitor pattern",
-                              "ActivationOutlierMonitor patterns")
-        return {n: layers[n] for n in chosen}  # select_names keeps module order
+        """The layers `patterns` name (minus `exclude`), in module order, by plain name (`slimtune.select`'s rule);
+        a PEFT LoRA layer is watched at its wrapper, whose input is its base layer's."""
+        layers = select_layers(model, self.patterns, self.exclude, what="ActivationOutlierMonitor pattern",
+                               setting="ActivationOutlierMonitor patterns")
+        other = next((ref for ref in layers.values() if not is_linear_like(ref.layer)), None)
+        if other is not None:  # its channels are not the input's last dimension
+            raise SlimtuneError(f"ActivationOutlierMonitor watches linear layers; layer {other.name} is "
+                                f"{type(other.layer).__name__}; valid: patterns naming linear layers, or exclude it")
+        return {name: ref.outer for name, ref in layers.items()}
 
     def attach(self, model: nn.Module, active: bool = True) -> ActivationOutlierMonitor:
         """Hook the selected layers of `model` (recording at once when `active`); keeps accumulated statistics."""
@@ -350,13 +335,7 @@ class ActivationOutlierMonitor(SlimtuneCallback):
         log_dir = self._log_dir(trainer)  # every rank: trainer.log_dir broadcasts
         if not rows:
             return rows
-        finite = [r["max_median_ratio"] for r in rows if r["max_median_ratio"] == r["max_median_ratio"]]
-        log_to_loggers(trainer, {
-            f"{self.name}/max_median_ratio": max(finite) if finite else float("nan"),
-            f"{self.name}/max_outlier_share": max(r["outlier_share"] for r in rows),
-            f"{self.name}/layers_at_risk": float(sum(r["at_risk"] for r in rows)),
-            f"{self.name}/max_kurtosis": max((r["kurtosis"] for r in rows if r["kurtosis"] == r["kurtosis"]), default=float("nan")),
-        })
+        log_to_loggers(trainer, {f"{self.name}/{k}": float(v) for k, v in self._scalars(rows).items()})
         if trainer.is_global_zero:
             wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
             for logger in wandb_loggers:
@@ -366,6 +345,19 @@ class ActivationOutlierMonitor(SlimtuneCallback):
                 self.write_csv(Path(log_dir) / "outliers.csv", rows, step)
         self.check()
         return rows
+
+    @staticmethod
+    def _scalars(rows: list[dict[str, Any]]) -> dict[str, float | int]:
+        """The summary over all layers: the largest max/median ratio, outlier share and kurtosis, layers at risk."""
+        if not rows:
+            return {}
+        finite = [r["max_median_ratio"] for r in rows if r["max_median_ratio"] == r["max_median_ratio"]]
+        return {
+            "max_median_ratio": max(finite) if finite else float("nan"),
+            "max_outlier_share": max(r["outlier_share"] for r in rows),
+            "layers_at_risk": sum(r["at_risk"] for r in rows),
+            "max_kurtosis": max((r["kurtosis"] for r in rows if r["kurtosis"] == r["kurtosis"]), default=float("nan")),
+        }
 
     @staticmethod
     def write_csv(path: Path, rows: list[dict[str, Any]], step: int | None = None) -> Path:
@@ -379,6 +371,11 @@ class ActivationOutlierMonitor(SlimtuneCallback):
             for r in rows:
                 writer.writerow([step, *(r[c] for c in COLUMNS)])
         return path
+
+    def report(self) -> dict[str, Any]:
+        """The last summary's scalars, as logged: `<name>_max_median_ratio`, `_max_outlier_share`, `_layers_at_risk`,
+        `_max_kurtosis`; nothing before any sample."""
+        return {f"{self.name}_{k}": v for k, v in self._scalars(self.summary()).items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": {n: s.state() for n, s in self.stats.items()}, "warned": sorted(self.warned)}

@@ -166,6 +166,11 @@ class PerplexityEvaluation(SlimtuneCallback):
         if "fit_end" in self.at:
             self.results["after"] = self.evaluate(trainer, pl_module, "after")
 
+    def report(self) -> dict[str, Any]:
+        """`<name>_ppl_<moment>` for each measurement (before, after; with PostTrainingQuantization also
+        before_quant, after_quant, after_lorc)."""
+        return {f"{self.name}_ppl_{moment}": result["ppl"] for moment, result in self.results.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"results": {k: dict(v) for k, v in self.results.items()}}
 

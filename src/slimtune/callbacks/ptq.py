@@ -23,28 +23,30 @@ wrapping `nn.Linear` base layers) or a plain transformers model with frozen line
 With `PerplexityEvaluation` callbacks in the Trainer it records perplexity before quantization, after quantization and
 after LoRC (`results["before_quant"]`, `["after_quant"]`, `["after_lorc"]`; `["before"]` is then the last of these and
 `["after"]` comes at fit end), so a run's report shows all four. The callback must come BEFORE PerplexityEvaluation in
-the callbacks list (slimtune's run puts it first; in your own Trainer list it first, or it refuses to run).
+the callbacks list (slimtune's run sorts callbacks by `run_order`, 10 here; in your own Trainer list it first, or it
+refuses to run).
 
 Resume: `state_dict()` holds the quantized base (every quantized layer's buffers and its grid), so Lightning checkpoints
 carry it even though slimtune's `CausalLMModule` keeps only trainable tensors. A resumed fit (`ckpt_path` given, or
 state loaded with `load_state_dict`) rebuilds the quantized layers from that state without calibrating; the LoRA
 weights come from the checkpoint as usual. Checkpoints grow by the quantized base (about bits/16 of the fp16 model).
 
-Export: `export_quantized(model, directory)` writes the model with `slimtune.quant.save_quantized` (adapter included;
-`load_quantized(directory)` reloads it); `slimtune.models.save_merged` dequantizes `QuantLinear` layers for the dense
-merged model.
-`export_compressed_tensors(model, directory)` writes the same base in compressed-tensors format for vLLM
-(`slimtune.quant.save_compressed_tensors`); `check_compressed_tensors_export` refuses, before training, what that
-format cannot hold.
+In slimtune's run (the seam of `SlimtuneCallback`): `check_run` refuses a bitsandbytes base, a full fine-tune and an
+`export.compressed_tensors` it cannot write, before anything is loaded; `check_model` refuses targets that match no
+layer and group sizes compressed-tensors cannot store, before training; `report` adds `ptq_*` fields; `export` writes
+`quantized/` (`slimtune.quant.save_quantized`, adapter included; `load_quantized(directory)` reloads it; on unless
+`export.quantized=false`) and `compressed_tensors/` (`export.compressed_tensors=true`; the same base for vLLM).
+`slimtune.models.save_merged` dequantizes `QuantLinear` layers for the dense merged model.
+
+The torch/PEFT work lives in `slimtune.quant` (drivers, LoRC, layer state) and `slimtune.select` (which layers); this
+module is the lifecycle.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ from slimtune.callbacks._base import (
     check_model_arg,
     check_path,
     check_tokenizer_arg,
+    export_switch,
     is_sequence,
     log_to_loggers,
     resolve_tokenizer,
@@ -64,8 +67,11 @@ from slimtune.callbacks._base import (
 )
 from slimtune.data.calibration import calibration_batches, calibration_source, check_calibration
 from slimtune.errors import SlimtuneError, choices
-from slimtune.quant.model import is_linear_like, select_names
+from slimtune.quant.lorc import init_lora_from_factors, lorc_factors_for_layer
 from slimtune.quant.nf4 import NF4_BLOCKSIZES
+from slimtune.quant.state import is_quantized_layer, layer_state, rebuild_layer
+from slimtune.quant.targets import adapters_disabled, layer_device, set_module
+from slimtune.select import LayerRef, base_model, select_layers
 
 METHODS = ("rtn", "gptq", "nf4", "gptq_nf4")
 NF4_METHODS = ("nf4", "gptq_nf4")  # bitsandbytes Linear4bit layers
@@ -99,184 +105,13 @@ def _progress_bar(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False)
 
 
-# --------------------------------------------------------------------------- targets inside PEFT models
-
-
-def _tuner_types() -> tuple[type, ...]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        return ()
-    return (BaseTunerLayer,)
-
-
-def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
-
-
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT model (LoRA layers still in place), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class _Target:
-    """A layer to quantize: its name without PEFT's `.base_layer`, the path of the layer that gets swapped, and the
-    LoRA layer wrapping it (None for a plain linear layer)."""
-
-    __slots__ = ("name", "path", "wrapper")
-
-    def __init__(self, name: str, path: str, wrapper: nn.Module | None):
-        self.name, self.path, self.wrapper = name, path, wrapper
-
-
-def linear_targets(base: nn.Module, targets: str | Sequence[str] = "all-linear",
-                   exclude: Sequence[str] = ("lm_head",)) -> list[_Target]:
-    """The linear layers of `base` that `targets` names, seen through PEFT wrappers, in module order.
-
-    Names are the plain model's (`model.layers.0.self_attn.q_proj`); a pattern matches a name that equals it, ends with
-    `"." + pattern`, or matches it as a full regex. A pattern matching no layer raises SlimtuneError.
-    """
-    tuners = _tuner_types()
-    tuner_names = [n for n, m in base.named_modules() if n and tuners and isinstance(m, tuners)]
-    candidates: dict[str, _Target] = {}
-    for name, module in base.named_modules():
-        if not name or any(name.startswith(t + ".") for t in tuner_names):
-            continue  # inside a LoRA layer: its base_layer is reached through the wrapper, lora_A/B are adapters
-        if name in tuner_names:
-            path, inner = name, module
-            while hasattr(inner, "base_layer") and isinstance(inner.base_layer, nn.Module):
-                path, inner = path + ".base_layer", inner.base_layer
-            if is_linear_like(inner):
-                candidates[name] = _Target(name, path, module)
-        elif is_linear_like(module):
-            candidates[name] = _Target(name, name, None)
-    if not candidates:
-        raise SlimtuneError(f"model {type(base).__name__} has no linear layers to quantize")
-    found = set(select_names(candidates, targets, exclude, "targets pattern", "targets"))
-    return [t for n, t in candidates.items() if n in found]
-
-
-# --------------------------------------------------------------------------- the quantized state
-
-
-def _layer_state(layer: nn.Module) -> dict[str, Any]:
-    """Everything needed to rebuild a quantized layer without calibration (CPU tensors)."""
-    from slimtune.quant import QuantLinear
-
-    if isinstance(layer, QuantLinear):
-        return {
-            "kind": "quant_linear",
-            "in_features": layer.in_features, "out_features": layer.out_features,
-            "bits": layer.spec.bits, "group_size": layer.spec.group_size, "symmetric": layer.spec.symmetric,
-            "act_order": layer.act_order,
-            "dtype": str(layer.bias.dtype if layer.bias is not None else torch.float32).removeprefix("torch."),
-            "tensors": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
-        }
-    from slimtune.quant.bnb4bit import unpack_4bit
-
-    unpack_4bit(layer)  # the stored layout, never bitsandbytes' CPU-packed one
-    weight = layer.weight
-    return {
-        "kind": "nf4",
-        "in_features": layer.in_features, "out_features": layer.out_features,
-        "compute_dtype": str(layer.compute_dtype or torch.float32).removeprefix("torch."),
-        "data": weight.data.detach().cpu(),
-        "quant_state": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                        for k, v in weight.quant_state.as_dict(packed=True).items()},
-        "bias": None if layer.bias is None else layer.bias.detach().cpu(),
-    }
-
-
-def _rebuild_layer(entry: Mapping[str, Any], device: torch.device) -> nn.Module:
-    from slimtune.quant import QuantLinear, QuantSpec
-
-    if entry["kind"] == "quant_linear":
-        tensors = entry["tensors"]
-        layer = QuantLinear(
-            entry["in_features"], entry["out_features"],
-            QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"]),
-            bias=tensors.get("bias") is not None, has_g_idx=tensors.get("g_idx") is not None,
-            act_order=entry["act_order"], dtype=getattr(torch, entry["dtype"]),
-            scale_dtype=tensors["scales"].dtype, device="cpu",
-        )
-        layer.load_state_dict({k: v for k, v in tensors.items() if v is not None})
-        return layer.to(device)
-    if entry["kind"] == "nf4":
-        import bitsandbytes as bnb
-
-        stats = dict(entry["quant_state"])
-        layer = bnb.nn.Linear4bit(entry["in_features"], entry["out_features"], bias=entry["bias"] is not None,
-                                  compute_dtype=getattr(torch, entry["compute_dtype"]), device="meta")
-        layer.weight = bnb.nn.Params4bit.from_prequantized(entry["data"].to(device), stats, requires_grad=False,
-                                                           device=device)
-        if entry["bias"] is not None:
-            layer.bias = nn.Parameter(entry["bias"].to(device), requires_grad=False)
-        from slimtune.quant.bnb4bit import guard_4bit
-
-        guard_4bit(layer)
-        return layer
-    raise SlimtuneError(f"quantized layer kind {entry['kind']!r} is not valid; valid: quant_linear, nf4")
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------- LoRC
-
-
-@torch.no_grad()
-def _lorc_factors_for(layer: nn.Module, weight: torch.Tensor, rank: int, iters: int, nf4):
-    """(A [rank, in], B [out, rank], layer) with B @ A ~= W - dequant(Q); LoftQ iterations may replace the codes."""
-    from slimtune.quant import QuantLinear, apply_lorc, lorc_factors
-    from slimtune.quant.nf4 import nf4_dequantize, nf4_linear
-
-    if isinstance(layer, QuantLinear):
-        holder = nn.Module()
-        holder.add_module("layer", layer)
-        (lora_a, lora_b), = apply_lorc(holder, rank, iters, {"layer": weight}).values()
-        return lora_a, lora_b, layer
-    # bitsandbytes NF4: same alternation, re-quantizing W - B A with NF4 (round to nearest; the first iterate keeps
-    # GPTQ-NF4's codes, and the smallest residual wins).
-    w = weight.to(device=layer.weight.device, dtype=torch.float32)
-    best, current = None, layer
-    for it in range(iters):
-        if it > 0:
-            current = nf4_linear((w - lora_b @ lora_a).to(weight.dtype), layer.bias, nf4,
-                                 layer.compute_dtype or weight.dtype)
-        error = w - nf4_dequantize(current)
-        lora_a, lora_b = (f.float() for f in lorc_factors(error, rank))
-        residual = torch.linalg.matrix_norm(error - lora_b @ lora_a).item()
-        if best is None or residual < best[0]:
-            best = (residual, lora_a, lora_b, current)
-    return best[1], best[2], best[3]
-
-
-@torch.no_grad()
-def _init_lora(wrapper: nn.Module, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
-    """Set the first `k` LoRA components so that `scaling * B @ A` equals `lora_b @ lora_a` (rank k)."""
-    k = lora_a.shape[0]
-    a = wrapper.lora_A[adapter].weight
-    b = wrapper.lora_B[adapter].weight
-    scaling = wrapper.scaling[adapter]
-    a[:k].copy_(lora_a.to(device=a.device, dtype=a.dtype))
-    b.zero_()
-    b[:, :k].copy_((lora_b / scaling).to(device=b.device, dtype=b.dtype))
-
-
 # --------------------------------------------------------------------------- the callback
 
 
 class PostTrainingQuantization(SlimtuneCallback):
     """Quantizes the frozen base (RTN, GPTQ or NF4) at fit start and initialises LoRA from LoRC; see module docstring.
+
+    `run_order` 10: it changes the model at fit start, so it runs before the callbacks that measure it.
 
     Args:
         method: `rtn`, `gptq` (needs calibration data), `nf4` (bitsandbytes; bits=4, group_size = NF4 block size) or
@@ -299,6 +134,9 @@ class PostTrainingQuantization(SlimtuneCallback):
         model: the model to quantize: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
             holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
     """
+
+    run_order = 10
+    exports = ("quantized", "compressed_tensors")
 
     def __init__(
         self,
@@ -411,12 +249,60 @@ class PostTrainingQuantization(SlimtuneCallback):
             return NF4Spec(self.group_size or 64, self.double_quant)
         return QuantSpec(self.bits, self.group_size, self.symmetric)
 
+    # ------------------------------------------------------------------ the run's seam
+
+    def check_run(self, cfg) -> None:
+        """A float, frozen base (model.quantization=none, model.finetune=lora), and an export.compressed_tensors this
+        method can write."""
+        from slimtune.models.loading import finetune_of, quantization_of
+
+        quant = quantization_of(cfg.model)
+        if quant != "none":
+            raise SlimtuneError(f"PostTrainingQuantization quantizes the base itself and cannot run on "
+                                f"model.quantization={quant}; valid: model.quantization=none")
+        if finetune_of(cfg.model) != "lora":
+            raise SlimtuneError(f"PostTrainingQuantization needs a frozen base; model.finetune="
+                                f"{cfg.model.get('finetune')} is not valid with it; valid: model.finetune=lora")
+        if export_switch(cfg, "compressed_tensors"):
+            if self.method in NF4_METHODS:
+                raise SlimtuneError(f"export.compressed_tensors=true is not valid with PostTrainingQuantization "
+                                    f"method={self.method} (bitsandbytes layers); valid: method=gptq or rtn, or "
+                                    "export.compressed_tensors=false")
+            from slimtune.quant.compressed_tensors import require_library
+
+            require_library()
+
+    def check_model(self, model: nn.Module, cfg) -> None:
+        """The targets exist; with export.compressed_tensors, the group size divides every target's width."""
+        targets = self._targets(model)
+        if export_switch(cfg, "compressed_tensors"):
+            from slimtune.quant.compressed_tensors import check_group_widths
+
+            check_group_widths({ref.name: ref.layer.in_features for ref in targets}, self.group_size)
+
     def report(self) -> dict[str, Any]:
         """Items for the run's report."""
         out = {"ptq_method": self.method, "ptq_bits": self.bits, "ptq_group_size": self.group_size,
                "ptq_lorc_rank": self.lorc_rank or None, "ptq_layers": self.n_layers or None,
                "ptq_seconds": self.seconds}
         return {k: v for k, v in out.items() if v is not None}
+
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, cfg) -> dict[str, str]:
+        """`quantized/` (unless export.quantized=false) and `compressed_tensors/` (export.compressed_tensors=true);
+        nothing for bitsandbytes NF4 bases (their adapter and merged model hold them)."""
+        from slimtune.quant.compressed_tensors import export_compressed_tensors
+        from slimtune.quant.export import export_quantized
+
+        written = {}
+        if export_switch(cfg, "quantized", default=True):
+            folder = export_quantized(model, Path(out_dir) / "quantized", tokenizer)
+            if folder is not None:
+                written["quantized_dir"] = str(folder)
+        if export_switch(cfg, "compressed_tensors"):
+            folder = export_compressed_tensors(model, Path(out_dir) / "compressed_tensors", tokenizer)
+            if folder is not None:
+                written["compressed_tensors_dir"] = str(folder)
+        return written
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -446,6 +332,8 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.export_dir and trainer.is_global_zero:
+            from slimtune.quant.export import export_quantized
+
             export_quantized(self.model_for(pl_module), self.export_dir, self._get_tokenizer(pl_module, required=False))
 
     # ------------------------------------------------------------------ work
@@ -461,6 +349,26 @@ class PostTrainingQuantization(SlimtuneCallback):
                 f"PostTrainingQuantization comes after PerplexityEvaluation({early[0].name!r}) in the callbacks list; "
                 "valid: put PostTrainingQuantization first, so that the 'before' perplexity is the quantized model's"
             )
+
+    def _targets(self, model: nn.Module) -> list[LayerRef]:
+        """The layers to quantize: float, frozen nn.Linear layers (a one-line SlimtuneError for any other)."""
+        targets = list(select_layers(model, self.targets, self.exclude, what="PostTrainingQuantization targets pattern",
+                                     setting="PostTrainingQuantization targets").values())
+        for t in targets:
+            layer = t.layer
+            if is_quantized_layer(layer) or not isinstance(layer, nn.Linear):
+                already = is_quantized_layer(layer)
+                raise SlimtuneError(
+                    f"layer {t.name} is {'already quantized ' if already else ''}({type(layer).__name__}); valid: "
+                    + ("a float base (model.quantization=none) under PostTrainingQuantization" if already
+                       else "nn.Linear layers (leave it out with exclude)")
+                )
+            if layer.weight.requires_grad:
+                raise SlimtuneError(
+                    f"layer {t.name} is trainable; valid: PostTrainingQuantization quantizes a frozen base "
+                    "(model.finetune=lora, or freeze the layers)"
+                )
+        return targets
 
     def _get_tokenizer(self, pl_module, required: bool = True):
         tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "PostTrainingQuantization",
@@ -495,7 +403,7 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     def quantize(self, model: nn.Module, trainer=None, pl_module=None) -> dict[str, Any]:
         """Calibrate (GPTQ), quantize the targets of `model`, LoRC-initialise its LoRA layers; returns the state."""
-        from slimtune.quant import (
+        from slimtune.quant import (  # looked up here: tests replace them to prove a resumed run does not call them
             quantize_model_gptq,
             quantize_model_nf4,
             quantize_model_rtn,
@@ -503,22 +411,8 @@ class PostTrainingQuantization(SlimtuneCallback):
 
         started = time.perf_counter()
         pl_module = pl_module if pl_module is not None else model
-        base = base_model_of(model)
-        targets = linear_targets(base, self.targets, self.exclude)
-        for t in targets:
-            layer = base.get_submodule(t.path)
-            if _is_bnb(layer) or not isinstance(layer, nn.Linear):
-                already = _is_bnb(layer) or type(layer).__name__ == "QuantLinear"
-                raise SlimtuneError(
-                    f"layer {t.name} is {'already quantized ' if already else ''}({type(layer).__name__}); valid: "
-                    + ("a float base (model.quantization=none) under PostTrainingQuantization" if already
-                       else "nn.Linear layers (leave it out with exclude)")
-                )
-            if layer.weight.requires_grad:
-                raise SlimtuneError(
-                    f"layer {t.name} is trainable; valid: PostTrainingQuantization quantizes a frozen base "
-                    "(model.finetune=lora, or freeze the layers)"
-                )
+        base = base_model(model)
+        targets = self._targets(base)
         lorc = [t for t in targets if t.wrapper is not None and hasattr(t.wrapper, "lora_A")] if self.lorc_rank else []
         if self.lorc_rank and not lorc:
             raise SlimtuneError(
@@ -537,25 +431,25 @@ class PostTrainingQuantization(SlimtuneCallback):
         show = self.progress and (trainer is None or trainer.is_global_zero)
 
         self._measure(trainer, pl_module, "before_quant")
-        paths = [re.escape(t.path) for t in targets]
+        names = [t.name for t in targets]  # full plain names: each matches exactly its own layer
         keep = bool(lorc)
         # the quantizers mark the model for PEFT's 4-bit dispatch; the base of an existing PEFT model stays as it was
         had_flag = "is_loaded_in_4bit" in vars(base)
-        with _adapters_disabled(base):
+        with adapters_disabled(base):
             if self.method in CALIBRATED:
                 tokenizer = self._get_tokenizer(pl_module)
                 batches = calibration_batches(self.calibration, tokenizer, self.n_samples, self.seq_len, self.seed)
                 originals = quantize_model_gptq(
-                    base, batches, self.spec(), paths, exclude=(), damp=self.damp, act_order=self.act_order,
+                    base, batches, self.spec(), names, exclude=(), damp=self.damp, act_order=self.act_order,
                     true_sequential=self.true_sequential,
                     keep_original=keep, scale_dtype=SCALE_DTYPES[self.scale_dtype], progress=show)
             elif self.method == "rtn":
-                originals = quantize_model_rtn(base, self.spec(), paths, exclude=(), keep_original=keep,
+                originals = quantize_model_rtn(base, self.spec(), names, exclude=(), keep_original=keep,
                                                scale_dtype=SCALE_DTYPES[self.scale_dtype])
             else:
                 spec = self.spec()
                 compute = next(base.get_submodule(t.path).weight.dtype for t in targets)
-                originals = quantize_model_nf4(base, paths, exclude=(), blocksize=spec.blocksize,
+                originals = quantize_model_nf4(base, names, exclude=(), blocksize=spec.blocksize,
                                                compress_statistics=spec.double_quant, compute_dtype=compute,
                                                keep_original=keep)
         if not had_flag:
@@ -567,11 +461,11 @@ class PostTrainingQuantization(SlimtuneCallback):
             nf4 = self.spec() if self.method in NF4_METHODS else None
             for t in _progress_bar(lorc, "LoRC layers", show):
                 layer = base.get_submodule(t.path)
-                lora_a, lora_b, new = _lorc_factors_for(layer, originals.pop(t.path), self.lorc_rank,
-                                                        self.lorc_iters, nf4)
+                lora_a, lora_b, new = lorc_factors_for_layer(layer, originals.pop(t.path), self.lorc_rank,
+                                                             self.lorc_iters, nf4)
                 if new is not layer:
-                    _set_module(base, t.path, new)
-                _init_lora(t.wrapper, adapters[t.name], lora_a, lora_b)
+                    set_module(base, t.path, new)
+                init_lora_from_factors(t.wrapper, adapters[t.name], lora_a, lora_b)
             self.n_lorc = len(lorc)
             self._measure(trainer, pl_module, "after_lorc")
         del originals
@@ -585,7 +479,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         self._state = {
             "version": STATE_VERSION,
             "settings": self.settings(),
-            "layers": {t.path: _layer_state(base.get_submodule(t.path)) for t in targets},
+            "layers": {t.path: layer_state(base.get_submodule(t.path)) for t in targets},
         }
         self._applied_to = id(model)
         self.seconds = time.perf_counter() - started
@@ -596,7 +490,7 @@ class PostTrainingQuantization(SlimtuneCallback):
                   f"in {self.seconds:.1f} s")
         return self._state
 
-    def _adapter_of(self, target: _Target) -> str:
+    def _adapter_of(self, target: LayerRef) -> str:
         active = list(getattr(target.wrapper, "active_adapters", []) or [])
         adapter = next((a for a in active if a in target.wrapper.lora_A), None)
         if adapter is None:
@@ -606,8 +500,6 @@ class PostTrainingQuantization(SlimtuneCallback):
     @torch.no_grad()
     def restore(self, model: nn.Module, verbose: bool | None = None) -> None:
         """Swap the quantized layers recorded in the state into `model` (no calibration)."""
-        from slimtune.quant import QuantLinear
-
         state = self._state or {}
         if state.get("version") != STATE_VERSION:
             raise SlimtuneError(f"PostTrainingQuantization state version={state.get('version')!r} is not valid; valid: {STATE_VERSION}")
@@ -616,116 +508,22 @@ class PostTrainingQuantization(SlimtuneCallback):
         if differ:
             _warn(f"PostTrainingQuantization resumes with the checkpoint's quantized base; settings differing from "
                   f"this callback's are ignored: {', '.join(f'{k}={a!r} (not {b!r})' for k, (a, b) in differ.items())}")
-        base = base_model_of(model)
+        base = base_model(model)
         for path, entry in state["layers"].items():
             try:
                 current = base.get_submodule(path)
             except AttributeError:
                 raise SlimtuneError(f"quantized layer {path} of the checkpoint is not in the model; valid: the model "
                                     "the checkpoint was trained with (same LoRA targets)") from None
-            if isinstance(current, QuantLinear) or _is_bnb(current):
+            if is_quantized_layer(current):
                 continue  # already quantized (a second fit in the same process)
             shape = (getattr(current, "out_features", None), getattr(current, "in_features", None))
             if shape != (entry["out_features"], entry["in_features"]):
                 raise SlimtuneError(f"quantized layer {path} of the checkpoint has shape {entry['out_features']}x"
                                     f"{entry['in_features']}, the model's is {shape[0]}x{shape[1]}; valid: the same model")
-            _set_module(base, path, _rebuild_layer(entry, _device_of(current)))
+            set_module(base, path, rebuild_layer(entry, layer_device(current)))
         self.n_layers = len(state["layers"])
         self._applied_to = id(model)
         if self.verbose if verbose is None else verbose:
             print(f"[slimtune] restored {self.n_layers} quantized layers from the checkpoint (no calibration)")
 
-
-@contextmanager
-def _adapters_disabled(base: nn.Module):
-    """Calibrate the base alone: LoRA layers skip their adapters (flag only, no requires_grad change)."""
-    tuners = _tuner_types()
-    layers = [m for m in base.modules() if tuners and isinstance(m, tuners) and hasattr(m, "_disable_adapters")]
-    previous = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = True
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, previous):
-            m._disable_adapters = flag
-
-
-# --------------------------------------------------------------------------- export and the run
-
-
-def has_quant_layers(model: nn.Module) -> bool:
-    from slimtune.quant import QuantLinear
-
-    return any(isinstance(m, QuantLinear) for m in model.modules())
-
-
-def export_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> Path | None:
-    """Write a model with QuantLinear layers with `save_quantized` (adapter included); None when it has none."""
-    from slimtune.quant import save_quantized
-
-    if not has_quant_layers(model):
-        return None
-    return save_quantized(model, directory, tokenizer, overwrite=True)
-
-
-def check_run_config(cfg) -> None:
-    """A run refuses PostTrainingQuantization on a bitsandbytes-quantized base or with a full fine-tune."""
-    from slimtune.models.loading import quantization_of
-
-    nodes = [(name, node) for name, node in (cfg.get("callbacks") or {}).items()
-             if node is not None and str(node.get("_target_", "")).endswith("PostTrainingQuantization")]
-    if not nodes:
-        return
-    quant = quantization_of(cfg.model)
-    if quant != "none":
-        raise SlimtuneError(
-            f"callbacks.{nodes[0][0]} (PostTrainingQuantization) quantizes the base itself and cannot run on "
-            f"model.quantization={quant}; valid: model.quantization=none"
-        )
-    if str(cfg.model.get("finetune", "lora")) != "lora":
-        raise SlimtuneError(
-            f"callbacks.{nodes[0][0]} (PostTrainingQuantization) needs a frozen base; model.finetune="
-            f"{cfg.model.get('finetune')} is not valid with it; valid: model.finetune=lora"
-        )
-
-
-def check_compressed_tensors_export(callbacks: list, model: nn.Module) -> None:
-    """Before training: export.compressed_tensors needs a GPTQ/RTN PostTrainingQuantization whose group size divides
-    every target layer's width (compressed-tensors has no ragged groups), and the compressed-tensors package."""
-    from slimtune.quant.compressed_tensors import _require_library
-
-    ptq = [cb for cb in callbacks if isinstance(cb, PostTrainingQuantization)]
-    if not ptq:
-        raise SlimtuneError("export.compressed_tensors=true needs a PostTrainingQuantization callback (e.g. "
-                            "callbacks=[ptq_gptq_w4]); valid: export.compressed_tensors=false without one")
-    _require_library()
-    base = base_model_of(model)
-    for cb in ptq:
-        if cb.method in NF4_METHODS:
-            raise SlimtuneError(f"export.compressed_tensors=true is not valid with PostTrainingQuantization method={cb.method} "
-                                "(bitsandbytes layers); valid: method=gptq or rtn, or export.compressed_tensors=false")
-        if cb.group_size is None:
-            continue
-        for t in linear_targets(base, cb.targets, cb.exclude):
-            width = base.get_submodule(t.path).in_features
-            if width % cb.group_size:
-                raise SlimtuneError(
-                    f"export.compressed_tensors=true: layer {t.name} is {width} wide, not a multiple of "
-                    f"group_size={cb.group_size} (compressed-tensors has no ragged groups); valid: a group size "
-                    "dividing every target width, or export.compressed_tensors=false"
-                )
-
-
-def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None) -> Path | None:
-    """Write a model with QuantLinear layers in compressed-tensors format (vLLM); None when it has none."""
-    from slimtune.quant.compressed_tensors import save_compressed_tensors
-
-    if not has_quant_layers(model):
-        return None
-    return save_compressed_tensors(model, directory, tokenizer, overwrite=True)
-
-
-def ptq_first(callbacks: list) -> list:
-    """The callbacks with PostTrainingQuantization first (it must quantize before anything measures the model)."""
-    return sorted(callbacks, key=lambda cb: not isinstance(cb, PostTrainingQuantization))

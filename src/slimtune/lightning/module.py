@@ -9,6 +9,7 @@ import lightning.pytorch as L
 import torch
 
 from slimtune.errors import SlimtuneError, choices
+from slimtune.lightning.loss_terms import loss_providers
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -34,7 +35,13 @@ class CausalLMModule(L.LightningModule):
 
     A LoRA run's checkpoint carries the adapters, optimizer and RNG state, not the frozen base (which is rebuilt from
     its source on resume), so checkpoints of a 13B QLoRA run are megabytes, not gigabytes.
+
+    Logs the next-token cross-entropy as `train/loss_ce` and the training loss as `train/loss`: the same number, or,
+    with loss terms attached (`slimtune.lightning.loss_terms`), the cross-entropy plus the terms (each also logged as
+    `train/loss_<key>`).
     """
+
+    loss_total_key = "train/loss"  # where the loss-terms wrapper logs the total (CE + terms)
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, optimizer: Mapping[str, Any] | None = None,
                  scheduler: Mapping[str, Any] | None = None):
@@ -67,7 +74,10 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].size(0))
+        size = batch["input_ids"].size(0)
+        self.log("train/loss_ce", loss, on_step=True, on_epoch=False, batch_size=size)
+        if not loss_providers(self):  # with loss terms attached, their wrapper logs the total (CE + terms) instead
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
         self.tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return loss
 

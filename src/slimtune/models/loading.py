@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError, choices
+from slimtune.select import ALL_LINEAR, is_plain_name, linear_layers, name_matches, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def _swap_linear_for_bnb(model: nn.Module, quant: str, double_quant: bool, compu
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not isinstance(child, nn.Linear) or any(s == child_name or full.endswith(s) for s in skip):
+            if not isinstance(child, nn.Linear) or any(name_matches(s, full) for s in skip):
                 continue
             device = child.weight.device
             if quant == "int8":
@@ -293,27 +294,30 @@ def load_base_model(model_cfg, device: str | torch.device | None = None):
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Short names of the linear layers LoRA can target (bitsandbytes layers included)."""
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not full.endswith("lm_head"):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
+    """Short names of the linear layers LoRA can target (bitsandbytes layers included), sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model) if not name_matches("lm_head", name)})
+
+
+def lora_targets(targets, model: nn.Module) -> str | list[str]:
+    """`model.lora.target_modules` as PEFT's LoraConfig takes it, checked by `slimtune.select`'s rule.
+
+    `all-linear` goes to PEFT as it is (every linear layer but the output layer). A list must match linear layers by
+    the one rule; plain names (`q_proj`, `self_attn.q_proj`) are PEFT's own list rule (equal, or a dot-bounded
+    suffix), so they go to PEFT unchanged; with any regex in the list, PEFT gets the full names the rule selected.
+    """
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        return targets
+    patterns = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    chosen = select_layers(model, patterns, exclude=(), what="model.lora.target_modules pattern",
+                           setting="model.lora.target_modules")
+    return patterns if all(is_plain_name(p) for p in patterns) else list(chosen)
 
 
 def lora_config(model_cfg, model: nn.Module):
     from peft import LoraConfig
 
     lora = _get(model_cfg, "lora") or {}
-    targets = _get(lora, "target_modules", "all-linear")
-    if not isinstance(targets, str):
-        targets = [str(t) for t in targets]
-        available = linear_module_names(model)
-        missing = [t for t in targets if not any(n == t or n.endswith(t) for n in available)]
-        if missing:
-            raise SlimtuneError(
-                f"model.lora.target_modules {missing} match no linear layer; valid: all-linear or any of {available}"
-            )
+    targets = lora_targets(_get(lora, "target_modules", ALL_LINEAR), model)
     r = int(_get(lora, "r", 8))
     if r <= 0:
         raise SlimtuneError(f"model.lora.r={r} is not valid; valid: a positive integer")

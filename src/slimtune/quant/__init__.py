@@ -1,6 +1,13 @@
-"""Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ, and bitsandbytes NF4 (incl. GPTQ-chosen codes)."""
+"""Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ, and bitsandbytes NF4 (incl. GPTQ-chosen codes).
+
+Rooms by job: `grid` (RTN grids), `gptq` (one layer), `layers` (QuantLinear), `nf4` (bitsandbytes NF4, one layer or a
+whole model), `lorc` (LoRC factors, on layers and whole models), `targets` (which layers, by `slimtune.select`'s rule;
+swapping them), `drivers` (RTN and GPTQ over a whole model), `state` (a quantized layer as tensors, for resume),
+`export` / `compressed_tensors` (folders), `bnb4bit` (bitsandbytes 4-bit details).
+"""
 
 from slimtune.quant.compressed_tensors import save_compressed_tensors
+from slimtune.quant.drivers import check_calibration, quantize_model_gptq, quantize_model_rtn
 from slimtune.quant.export import load_quantized, save_quantized, stored_bits_per_parameter
 from slimtune.quant.gptq import GPTQ, CodebookResult, GPTQResult, gptq_quantize_linear
 from slimtune.quant.grid import (
@@ -13,18 +20,9 @@ from slimtune.quant.grid import (
     quantize_to_grid,
 )
 from slimtune.quant.layers import QuantLinear, register_quant_lora
-from slimtune.quant.lorc import lorc_factors, lorc_init
-from slimtune.quant.model import (
-    add_lorc_adapters,
-    apply_lorc,
-    check_calibration,
-    find_linear_layers,
-    lorc_nf4,
-    quantize_model_gptq,
-    quantize_model_nf4,
-    quantize_model_rtn,
-)
-from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_fake_quantize, nf4_linear
+from slimtune.quant.lorc import add_lorc_adapters, apply_lorc, lorc_factors, lorc_init, lorc_nf4
+from slimtune.quant.nf4 import NF4Spec, gptq_nf4_linear, nf4_fake_quantize, nf4_linear, quantize_model_nf4
+from slimtune.quant.targets import find_linear_layers
 
 __all__ = [
     "GPTQ",

@@ -41,11 +41,13 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.quant.grid import QuantSpec
 from slimtune.quant.layers import QuantLinear
+from slimtune.select import linear_layers
 
-__all__ = ["compressed_tensors_config", "save_compressed_tensors"]
+__all__ = ["check_group_widths", "compressed_tensors_config", "export_compressed_tensors", "require_library",
+           "save_compressed_tensors"]
 
 
-def _require_library():
+def require_library():
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
@@ -91,7 +93,7 @@ def _args_for(layer: QuantLinear, name: str):
 
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` (a dict, as in config.json) describing the model's QuantLinear layers."""
-    _require_library()
+    require_library()
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     from slimtune.quant.export import _clean_name, _unwrap
@@ -105,10 +107,8 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
         args = _args_for(layer, name)  # also refuses what the format cannot hold, before any tensor is built
         key = args.model_dump_json()
         by_args.setdefault(key, (args, []))[1].append(name)
-    other_linear = sorted(
-        _clean_name(n) for n, m in base.named_modules()
-        if isinstance(m, nn.Linear) and _clean_name(n) not in layers and ".lora_" not in n
-    )
+    other_linear = sorted(n for n, ref in linear_layers(base).items()
+                          if isinstance(ref.layer, nn.Linear) and n not in layers)
     if len(by_args) == 1:
         args, _ = next(iter(by_args.values()))
         groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
@@ -172,7 +172,7 @@ def save_compressed_tensors(
         write_model_folder,
     )
 
-    _require_library()
+    require_library()
     target, base, peft_model, config = check_export_target(model, directory, overwrite)
     quant_config = compressed_tensors_config(base)
 
@@ -192,3 +192,25 @@ def save_compressed_tensors(
 
     write_model_folder(target, tensors, config, tokenizer, peft_model if save_adapter else None)
     return target
+
+
+def check_group_widths(widths: dict[str, int], group_size: int | None, setting: str = "export.compressed_tensors=true"):
+    """Before quantizing: compressed-tensors has no ragged groups, so `group_size` must divide every layer width
+    (`widths`: layer name -> input features)."""
+    if group_size is None:
+        return
+    for name, width in widths.items():
+        if width % group_size:
+            raise SlimtuneError(
+                f"{setting}: layer {name} is {width} wide, not a multiple of group_size={group_size} "
+                "(compressed-tensors has no ragged groups); valid: a group size dividing every target width, or "
+                f"{setting.replace('=true', '=false')}"
+            )
+
+
+def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path | None:
+    """A run's export: `save_compressed_tensors` (replacing an existing folder); None when the model holds no
+    QuantLinear layer."""
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return None
+    return save_compressed_tensors(model, directory, tokenizer, overwrite=True)

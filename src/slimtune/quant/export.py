@@ -46,7 +46,7 @@ units. The weight is ``scales[r, g] * (q[r, c] - zero[r, g])`` with
 is allowed.
 
 Adapters: a ``peft.PeftModel`` (e.g. from
-:func:`slimtune.quant.model.add_lorc_adapters`) is saved unmerged -- the
+:func:`slimtune.quant.lorc.add_lorc_adapters`) is saved unmerged -- the
 quantized base as above and the adapter with PEFT's ``save_pretrained`` in
 ``adapter/`` -- because merging a LoRA update into integer codes would need a
 re-quantization that changes the model. :func:`load_quantized` loads that
@@ -291,6 +291,19 @@ def save_quantized(
                        metadata={"slimtune": FORMAT_NAME},
                        files={MANIFEST_NAME: json.dumps(manifest, indent=2, sort_keys=True) + "\n"})
     return target
+
+
+def has_quant_layers(model: nn.Module) -> bool:
+    """Whether `model` holds slimtune QuantLinear layers (what `save_quantized` stores as integer codes)."""
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def export_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path | None:
+    """A run's export: `save_quantized` (adapter included, replacing an existing folder); None when the model holds
+    no QuantLinear layer (e.g. a bitsandbytes NF4 base, saved as adapter and merged model instead)."""
+    if not has_quant_layers(model):
+        return None
+    return save_quantized(model, directory, tokenizer, overwrite=True)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

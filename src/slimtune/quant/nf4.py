@@ -1,7 +1,9 @@
-"""NF4/FP4 through bitsandbytes (QLoRA's 4-bit formats): fake quantization, layers, and GPTQ-chosen codes."""
+"""NF4/FP4 through bitsandbytes (QLoRA's 4-bit formats): fake quantization, layers, GPTQ-chosen codes, and a
+whole model quantized to NF4 (:func:`quantize_model_nf4`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +11,8 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.quant.bnb4bit import dequantize_4bit, guard_4bit, unpack_4bit
+from slimtune.quant.targets import check_float_linear, find_linear_layers, set_module
+from slimtune.select import base_model
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_QUANT_TYPES = ("nf4", "fp4")
@@ -137,3 +141,33 @@ def gptq_nf4_linear(module: nn.Linear, gptq, spec: NF4Spec, damp: float = 0.01, 
     # bitsandbytes packs two codes per byte, the first in the high nibble, as a [n / 2, 1] uint8 tensor.
     layer.weight.data = ((flat[0::2] << 4) | flat[1::2]).to(torch.uint8).reshape(-1, 1)
     return layer
+
+
+@torch.no_grad()
+def quantize_model_nf4(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    exclude: Sequence[str] = ("lm_head",),
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    keep_original: bool = False,
+) -> dict[str, torch.Tensor] | None:
+    """Replace target ``nn.Linear`` layers by bitsandbytes ``Linear4bit`` (QLoRA's NF4), in place, on their device.
+
+    Marks ``model.is_loaded_in_4bit = True`` so PEFT dispatches its 4-bit LoRA layer.
+    """
+    layers = find_linear_layers(model, targets, exclude)
+    for name, module in layers.items():
+        check_float_linear(name, module, "NF4 quantization")
+    spec = NF4Spec(blocksize, compress_statistics, quant_type)
+    originals: dict[str, torch.Tensor] | None = {} if keep_original else None
+    for name, module in layers.items():
+        if originals is not None:
+            originals[name] = module.weight.detach().to("cpu", copy=True)
+        set_module(base_model(model), name, nf4_linear(module.weight, module.bias, spec, compute_dtype))
+    base_model(model).is_loaded_in_4bit = True
+    return originals
+

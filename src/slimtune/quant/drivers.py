@@ -1,8 +1,10 @@
-"""Post-training quantization of whole models: RTN, sequential GPTQ, LoRC/LoftQ adapters, NF4 LoRC.
+"""Whole-model quantization drivers: round-to-nearest (:func:`quantize_model_rtn`) and sequential GPTQ
+(:func:`quantize_model_gptq`) over a model's target layers, with the calibration checks GPTQ needs.
 
-Layers are chosen by :func:`find_linear_layers` and replaced in place by
-:class:`slimtune.quant.layers.QuantLinear` (RTN, GPTQ) or bitsandbytes
-``Linear4bit`` (NF4).
+Layers are chosen by :func:`slimtune.quant.targets.find_linear_layers` (the rule of :mod:`slimtune.select`) and
+replaced in place by :class:`slimtune.quant.layers.QuantLinear` (RTN, GPTQ) or, for GPTQ with an
+:class:`~slimtune.quant.nf4.NF4Spec`, bitsandbytes ``Linear4bit``. In a PEFT model only the layer under each LoRA
+wrapper (``base_layer``) is replaced, so the adapters stay as they are.
 
 GPTQ (:func:`quantize_model_gptq`) follows the reference implementation's
 sequential, block-by-block calibration:
@@ -34,18 +36,13 @@ sequential, block-by-block calibration:
 The recorded inputs are kept (on ``device``, else where the model computes)
 for all calibration batches at once, as in the reference.
 
-LoRC: quantize with ``keep_original=True`` to get the float weights back,
-then :func:`add_lorc_adapters` wraps the model with PEFT LoRA on the
-``QuantLinear`` layers, initialised so that ``Q + scaling * B A ≈ W``
-(``iters > 1``: LoftQ alternation that also re-quantizes the codes with RTN).
-:func:`lorc_nf4` does the same for bitsandbytes ``Linear4bit`` layers (made
-by :func:`quantize_model_nf4`), with PEFT's own 4-bit LoRA layer.
+LoRC on the result: :mod:`slimtune.quant.lorc`; NF4 rounded to nearest: :func:`slimtune.quant.nf4.quantize_model_nf4`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,21 +50,17 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.quant.gptq import GPTQ
-from slimtune.quant.grid import QuantSpec, dequantize_values, group_index, quantize_to_grid
-from slimtune.quant.layers import QuantLinear, register_quant_lora
-from slimtune.quant.lorc import lorc_factors
-from slimtune.quant.nf4 import NF4Spec, check_nf4_width, gptq_nf4_linear, nf4_dequantize, nf4_linear
+from slimtune.quant.grid import QuantSpec
+from slimtune.quant.layers import QuantLinear
+from slimtune.quant.nf4 import NF4Spec, check_nf4_width, gptq_nf4_linear, nf4_dequantize
+from slimtune.quant.targets import check_float_linear, find_linear_layers, set_module
+from slimtune.select import base_model
 
 __all__ = [
-    "add_lorc_adapters",
-    "apply_lorc",
     "capture_block_inputs",
     "check_calibration",
     "find_decoder_blocks",
-    "find_linear_layers",
-    "lorc_nf4",
     "quantize_model_gptq",
-    "quantize_model_nf4",
     "quantize_model_rtn",
 ]
 
@@ -84,157 +77,6 @@ _BLOCK_PATHS = (
 
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
-
-
-# --------------------------------------------------------------------------- layer selection
-
-
-def _is_candidate(module: nn.Module) -> bool:
-    """A leaf layer with a matrix-like weight (linear/conv/quantized), not an embedding."""
-    if isinstance(module, QuantLinear):
-        return True
-    if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
-        return False
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear and its subclasses (bitsandbytes layers), QuantLinear, and transformers' Conv1D."""
-    if isinstance(module, (nn.Linear, QuantLinear)):
-        return True
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """A layer name matches a pattern it equals, ends with ("." + pattern), or matches as a full regex."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def _short_names(names: Iterable[str]) -> str:
-    seen: dict[str, None] = {}
-    for n in names:
-        seen.setdefault(n.rsplit(".", 1)[-1], None)
-    return ", ".join(seen)
-
-
-def find_linear_layers(
-    model: nn.Module,
-    targets: str | Sequence[str] = "all-linear",
-    exclude: Sequence[str] = ("lm_head",),
-) -> dict[str, nn.Module]:
-    """Target layers of ``model`` by name, in module order.
-
-    Args:
-        targets: ``"all-linear"`` (every ``nn.Linear``-like layer: ``nn.Linear``
-            and its subclasses such as bitsandbytes layers, ``QuantLinear``,
-            transformers ``Conv1D``), or name patterns. A pattern matches a
-            layer name that equals it, ends with ``"." + pattern`` (a suffix
-            such as ``"q_proj"`` or ``"self_attn.q_proj"``), or matches it as
-            a full regex (``r"model\\.layers\\.[0-3]\\..*_proj"``). Patterns
-            match leaf layers with a weight matrix of any type, so the caller
-            decides what it supports.
-        exclude: Patterns (same rules) removed from the result.
-
-    Raises:
-        SlimtuneError: a pattern matches no layer (the message lists the valid names).
-    """
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
-    if not isinstance(targets, str):
-        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
-            raise SlimtuneError(
-                f"targets={targets!r} is not valid; valid: 'all-linear' or a non-empty list of name patterns"
-            )
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    exclude = tuple(exclude or ())
-
-    candidates = {name: m for name, m in model.named_modules() if name and _is_candidate(m)}
-    if not candidates:
-        raise SlimtuneError(f"model {type(model).__name__} has no linear layers to quantize")
-
-    def excluded(name: str) -> bool:
-        return any(name_matches(p, name) for p in exclude)
-
-    if targets == "all-linear":
-        found = {n: m for n, m in candidates.items() if is_linear_like(m) and not excluded(n)}
-        if not found:
-            raise SlimtuneError(
-                f"targets='all-linear' matches no layer after exclude={list(exclude)}; "
-                f"valid layer names: {_short_names(candidates)}"
-            )
-        return found
-
-    found: dict[str, nn.Module] = {}
-    for pattern in targets:
-        hits = [n for n in candidates if name_matches(pattern, n)]
-        if not hits:
-            raise SlimtuneError(
-                f"target pattern {pattern!r} matches no layer; valid: names ending in one of "
-                f"{_short_names(candidates)} (e.g. {next(iter(candidates))!r}) or a regex over full names"
-            )
-        kept = [n for n in hits if not excluded(n)]
-        if not kept:
-            raise SlimtuneError(
-                f"target pattern {pattern!r} only matches excluded layers (exclude={list(exclude)}); "
-                "valid: remove them from exclude"
-            )
-        for n in kept:
-            found[n] = candidates[n]
-    # Keep module order regardless of pattern order.
-    return {n: m for n, m in candidates.items() if n in found}
-
-
-def select_names(names: Sequence[str], patterns: str | Sequence[str], exclude: Sequence[str], item: str,
-                 setting: str) -> list[str]:
-    """`names` that `patterns` ("all-linear" or name patterns) pick, minus `exclude`, in their order.
-
-    A pattern matching nothing is a one-line SlimtuneError worded with `item` ("targets pattern"); an empty result
-    one worded with `setting` ("targets").
-    """
-    names = list(names)
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
-    kept = [n for n in names if not any(name_matches(p, n) for p in exclude)]
-    if patterns == "all-linear":
-        chosen = set(kept)
-    else:
-        chosen = set()
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            hits = [n for n in kept if name_matches(pattern, n)]
-            if not hits:
-                raise SlimtuneError(
-                    f"{item} {pattern!r} matches no linear layer; valid: names ending in one of {_short_names(names)} "
-                    f"(e.g. {names[0]!r}) or a regex over full names"
-                )
-            chosen.update(hits)
-    if not chosen:
-        raise SlimtuneError(f"{setting}={patterns!r} with exclude={exclude} leaves no layer")
-    return [n for n in names if n in chosen]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _check_float_linear(name: str, module: nn.Module, method: str) -> None:
-    weight = getattr(module, "weight", None)
-    ok = (
-        isinstance(module, nn.Linear)
-        and not type(module).__module__.startswith("bitsandbytes")
-        and isinstance(weight, torch.Tensor)
-        and weight.is_floating_point()
-        and weight.dim() == 2
-    )
-    if not ok:
-        raise SlimtuneError(f"{method} needs nn.Linear weights; layer {name} is {type(module).__name__}")
 
 
 def _check_spec(spec: Any, nf4: bool = False) -> None:
@@ -263,12 +105,12 @@ def quantize_model_rtn(
     _check_spec(spec)
     layers = find_linear_layers(model, targets, exclude)
     for name, module in layers.items():
-        _check_float_linear(name, module, "RTN quantization")
+        check_float_linear(name, module, "RTN quantization")
     originals: dict[str, torch.Tensor] | None = {} if keep_original else None
     for name, module in layers.items():
         if originals is not None:
             originals[name] = module.weight.detach().to("cpu", copy=True)
-        _set_module(model, name, QuantLinear.from_linear(module, spec, scale_dtype=scale_dtype))
+        set_module(base_model(model), name, QuantLinear.from_linear(module, spec, scale_dtype=scale_dtype))
     return originals
 
 
@@ -494,6 +336,7 @@ def quantize_model_gptq(
     batches = _normalize_batches(calib_batches)
     if not batches:
         raise SlimtuneError("calibration set has 0 samples; valid: at least one input_ids batch")
+    model = base_model(model)  # a PEFT model calibrates and swaps inside its base (the LoRA layers stay)
     blocks_path, blocks = find_decoder_blocks(model)
     layers = find_linear_layers(model, targets, exclude)
     per_block: list[list[str]] = [[] for _ in blocks]
@@ -504,7 +347,7 @@ def quantize_model_gptq(
                 f"layer {name} is outside the decoder blocks ({blocks_path}); valid: GPTQ targets inside "
                 "them (exclude it, or quantize it with quantize_model_rtn)"
             )
-        _check_float_linear(name, module, "GPTQ")
+        check_float_linear(name, module, "GPTQ")
         if isinstance(spec, NF4Spec):  # before any calibration work
             check_nf4_width(name, module.in_features, spec)
         per_block[int(m.group(1))].append(m.group(2))
@@ -550,7 +393,7 @@ def quantize_model_gptq(
                 out = _hidden(block(*args, **kwargs))
                 inputs[j] = ((out,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
             for n, new_layer in pending.items():
-                _set_module(block, n, new_layer)
+                set_module(block, n, new_layer)
             if device is not None:
                 block.to(home)
     finally:
@@ -635,205 +478,3 @@ def _gptq_group(
     return quantized
 
 
-# --------------------------------------------------------------------------- LoRC
-
-
-def _check_rank(rank: Any, shape: tuple[int, int], name: str) -> None:
-    limit = min(shape)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-        raise SlimtuneError(f"rank={rank!r} is not valid for layer {name} {tuple(shape)}; valid: an int in [1, {limit}]")
-
-
-def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _check_originals(original_weights: Any, layers: dict[str, nn.Module], kind: str) -> None:
-    if not isinstance(original_weights, dict) or not original_weights:
-        raise SlimtuneError(
-            "original_weights is missing; valid: the dict returned by quantizing with keep_original=True"
-        )
-    if not layers:
-        raise SlimtuneError(f"the model has no {kind} layers; valid: quantize it first")
-    missing = [n for n in layers if n not in original_weights]
-    if missing:
-        raise SlimtuneError(
-            f"original weight of layer {missing[0]} is missing; valid: the dict returned by quantizing with keep_original=True"
-        )
-
-
-@torch.no_grad()
-def apply_lorc(
-    model: nn.Module,
-    rank: int,
-    iters: int = 1,
-    original_weights: dict[str, torch.Tensor] | None = None,
-    *,
-    method: str = "auto",
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """LoRC factors of every ``QuantLinear``: ``B @ A ≈ W - dequant(Q)``.
-
-    Returns ``{name: (A [rank, in], B [out, rank])}`` (float32, on the layer's
-    device). With ``iters > 1`` (LoftQ alternation) the codes are refined:
-    ``W - B @ A`` is RTN-requantized with the layer's grid and the factors
-    refit to the new error; the iterate with the smallest residual
-    ``||W - Q - B @ A||`` wins and its codes are written into the layer
-    (iteration 0 keeps the existing, e.g. GPTQ, codes).
-    """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise SlimtuneError(f"iters={iters!r} is not valid; valid: an int >= 1")
-    layers = _quant_layers(model)
-    _check_originals(original_weights, layers, "QuantLinear")
-    factors = {}
-    for name, layer in layers.items():
-        _check_rank(rank, (layer.out_features, layer.in_features), name)
-        dev = layer.qweight.device
-        w = original_weights[name].to(device=dev, dtype=torch.float32)
-        if tuple(w.shape) != (layer.out_features, layer.in_features):
-            raise SlimtuneError(
-                f"original weight of layer {name} has shape {tuple(w.shape)}; valid: "
-                f"{(layer.out_features, layer.in_features)}"
-            )
-        base = layer.dequantized_weight()
-        best = None
-        new_codes = None
-        lora_A = lora_B = None  # the previous iterate's factors
-        for it in range(iters):
-            if it > 0:
-                q, s, z = quantize_to_grid(w - lora_B @ lora_A, layer.spec)
-                s = s.to(layer.scales.dtype)  # dequantize as the layer will, with stored scales
-                g = group_index(layer.in_features, layer.spec, device=dev)
-                base = dequantize_values(q, s.float()[:, g], z[:, g])
-                new_codes = (q, s, z)
-            error = w - base
-            lora_A, lora_B = lorc_factors(error, rank, method=method)
-            lora_A, lora_B = lora_A.float(), lora_B.float()
-            residual = torch.linalg.matrix_norm(error - lora_B @ lora_A).item()
-            if best is None or residual < best[0]:
-                best = (residual, lora_A, lora_B, new_codes)
-        _, lora_A, lora_B, codes = best
-        if codes is not None:
-            layer.g_idx = None  # RTN groups are the default column order
-            layer.set_codes(*codes)
-        factors[name] = (lora_A, lora_B)
-    return factors
-
-
-def _init_lora(peft_model, factors, adapter_name: str) -> None:
-    base = peft_model.get_base_model()
-    for name, (lora_A, lora_B) in factors.items():
-        layer = base.get_submodule(name)
-        scaling = layer.scaling[adapter_name]
-        a = layer.lora_A[adapter_name].weight
-        b = layer.lora_B[adapter_name].weight
-        a.data.copy_(lora_A.to(device=a.device, dtype=a.dtype))
-        # PEFT computes scaling * B @ A: store B / scaling so the product is the factorisation.
-        b.data.copy_((lora_B / scaling).to(device=b.device, dtype=b.dtype))
-
-
-def add_lorc_adapters(
-    model: nn.Module,
-    original_weights: dict[str, torch.Tensor],
-    rank: int,
-    alpha: float | None = None,
-    iters: int = 1,
-    *,
-    adapter_name: str = "default",
-    lora_dropout: float = 0.0,
-    method: str = "auto",
-    task_type: str | None = None,
-):
-    """Wrap ``model`` with PEFT LoRA on its ``QuantLinear`` layers initialised from LoRC.
-
-    ``lora_A``/``lora_B`` are set so that ``scaling * B @ A`` (PEFT's
-    ``scaling = alpha / rank``; ``alpha`` defaults to ``rank``) equals the
-    LoRC factorisation of ``W - Q``, so at step 0 each layer computes
-    ``(Q + B A) x ≈ W x``. ``iters > 1`` refines codes and factors LoftQ-style
-    (see :func:`apply_lorc`). ``task_type`` (e.g. ``"CAUSAL_LM"``) goes to the
-    ``LoraConfig``. The mapping QuantLinear -> QuantLinearLora is registered on
-    the config (see :mod:`slimtune.quant.layers`). Returns the ``peft.PeftModel``.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    factors = apply_lorc(model, rank, iters, original_weights, method=method)
-    alpha = rank if alpha is None else alpha
-    config = register_quant_lora(
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(factors), lora_dropout=lora_dropout,
-                   init_lora_weights=False, task_type=task_type)
-    )
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    _init_lora(peft_model, factors, adapter_name)
-    return peft_model
-
-
-# --------------------------------------------------------------------------- NF4
-
-
-@torch.no_grad()
-def quantize_model_nf4(
-    model: nn.Module,
-    targets: str | Sequence[str] = "all-linear",
-    *,
-    exclude: Sequence[str] = ("lm_head",),
-    blocksize: int = 64,
-    compress_statistics: bool = True,
-    quant_type: str = "nf4",
-    compute_dtype: torch.dtype | None = None,
-    keep_original: bool = False,
-) -> dict[str, torch.Tensor] | None:
-    """Replace target ``nn.Linear`` layers by bitsandbytes ``Linear4bit`` (QLoRA's NF4), in place, on their device.
-
-    Marks ``model.is_loaded_in_4bit = True`` so PEFT dispatches its 4-bit LoRA layer.
-    """
-    layers = find_linear_layers(model, targets, exclude)
-    for name, module in layers.items():
-        _check_float_linear(name, module, "NF4 quantization")
-    spec = NF4Spec(blocksize, compress_statistics, quant_type)
-    originals: dict[str, torch.Tensor] | None = {} if keep_original else None
-    for name, module in layers.items():
-        if originals is not None:
-            originals[name] = module.weight.detach().to("cpu", copy=True)
-        _set_module(model, name, nf4_linear(module.weight, module.bias, spec, compute_dtype))
-    model.is_loaded_in_4bit = True
-    return originals
-
-
-def lorc_nf4(
-    model: nn.Module,
-    original_weights: dict[str, torch.Tensor],
-    rank: int,
-    alpha: float | None = None,
-    *,
-    adapter_name: str = "default",
-    lora_dropout: float = 0.0,
-    method: str = "auto",
-):
-    """LoRC for bitsandbytes ``Linear4bit`` layers: PEFT LoRA initialised to ``W - dequant(NF4(W))``.
-
-    Every ``Linear4bit`` in ``model`` needs its original weight in
-    ``original_weights``. Returns the ``peft.PeftModel`` (works on CPU).
-    """
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    _check_originals(original_weights, layers, "bitsandbytes Linear4bit")
-    factors = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            _check_rank(rank, (layer.out_features, layer.in_features), name)
-            deq = nf4_dequantize(layer)
-            w = original_weights[name].to(device=deq.device, dtype=torch.float32)
-            if w.shape != deq.shape:
-                raise SlimtuneError(
-                    f"original weight of layer {name} has shape {tuple(w.shape)}; valid: {tuple(deq.shape)}"
-                )
-            lora_A, lora_B = lorc_factors(w - deq, rank, method=method)
-            factors[name] = (lora_A.float(), lora_B.float())
-    alpha = rank if alpha is None else alpha
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(factors), lora_dropout=lora_dropout,
-                        init_lora_weights=False)
-    model.is_loaded_in_4bit = True  # PEFT's bnb 4-bit dispatch keys on this flag
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    _init_lora(peft_model, factors, adapter_name)
-    return peft_model
