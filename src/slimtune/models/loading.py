@@ -352,11 +352,12 @@ def load_model(model_cfg, device=None):
 
 def build_skeleton(model_cfg):
     """The model as `load_model` would build it, on the meta device: no download, no memory. For checks and sizing."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_cfg)
-    with init_empty_weights():
+    # torch's meta device, not accelerate's init_empty_weights: under the latter transformers 5 leaves tied
+    # embeddings untied (lm_head counted twice).
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype_of(model_cfg))
         model.config.use_cache = False
         model = prepare_for_training(model, {**_as_dict(model_cfg), "gradient_checkpointing": False})
