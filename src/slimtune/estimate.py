@@ -222,10 +222,20 @@ def optimizer_state_bytes(name: str, numel: int, state_bytes: float) -> float:
     if name == "sgd":  # slimtune builds SGD without momentum: no state
         return 0.0
     if name == "adamw":
-        return 2 * state_bytes * numel  # exp_avg, exp_avg_sq in the parameter's dtype
+        return 2 * state_bytes * numel + 4  # exp_avg, exp_avg_sq in the parameter's dtype; an fp32 step count
     if name == "paged_adamw_32bit" or numel < BNB_MIN_8BIT_SIZE:
         return 8.0 * numel  # two fp32 states
     return 2.0 * numel + 2 * 4 * -(-numel // BNB_OPTIMIZER_BLOCK)  # two uint8 states + their fp32 block absmax
+
+
+def optimizer_bytes(name: str, numels: Iterable[int], state_bytes: float) -> float:
+    """Optimizer state for all trainable tensors: `optimizer_state_bytes` each, plus bitsandbytes' two shared
+    256-entry fp32 quantization maps once 8-bit states exist."""
+    numels = list(numels)
+    total = sum(optimizer_state_bytes(name, n, state_bytes) for n in numels)
+    if name in ("adamw_8bit", "paged_adamw_8bit") and any(n >= BNB_MIN_8BIT_SIZE for n in numels):
+        total += 2 * 256 * 4
+    return total
 
 
 # --------------------------------------------------------------------------- activations
@@ -513,7 +523,8 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
         add("gradients", f"gradients, {_dtype_name(num.grad)}", n_train * num.grad, shard=per_dev, phase=grad_phase)
     if num.master:
         add("master", "fp32 master weights", n_train * num.master, shard=1 / n_dev, cpu=offload_optim)
-    states = sum(optimizer_state_bytes(settings.optimizer, p.numel, num.state) for p in trainable)
+    # DeepSpeed hands the optimizer one flat fp32 partition per parameter group instead of the tensors.
+    states = optimizer_bytes(settings.optimizer, [n_train] if ds else [p.numel for p in trainable], num.state)
     add("optimizer", f"optimizer states, {settings.optimizer}", states, shard=(1 / n_dev if ds or sharded else 1.0),
         cpu=offload_optim)
     if sharded:
