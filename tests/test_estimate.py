@@ -331,3 +331,22 @@ def test_train_py_estimate_prints_and_writes_nothing(tmp_path):
                           "estimate.gpu_gib=0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: estimate.gpu_gib=0 is not valid; valid: a device's memory in GiB > 0 (e.g. 24), or null"]
+
+
+def test_a_pretrained_model_trains_in_training_mode_with_checkpointing(tmp_path, tiny_tokenizer):
+    """from_pretrained returns eval mode and Lightning keeps modules' modes: the loaded model must come back in training
+    mode, or gradient checkpointing (transformers checkpoints only while training) silently keeps every activation."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.models import load_config
+
+    model_cfg = _model_cfg(quantization="nf4", checkpointing=True)
+    AutoModelForCausalLM.from_config(load_config(model_cfg)).save_pretrained(tmp_path / "tiny")
+    pretrained = {**model_cfg, "config": None, "name_or_path": str(tmp_path / "tiny")}
+    model = load_model(pretrained)
+    assert all(module.training for module in model.modules())
+    checkpointed = _saved_tensor_bytes(model, "32-true", 2, 32)
+    plain = _saved_tensor_bytes(load_model({**pretrained, "gradient_checkpointing": False}), "32-true", 2, 32)
+    est = estimate_run(_run_cfg({**model_cfg, "gradient_checkpointing": False}))
+    assert plain == est.activations.blocks + est.activations.head
+    assert checkpointed < plain / 2

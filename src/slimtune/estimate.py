@@ -813,17 +813,19 @@ def format_estimate(est: Estimate) -> str:
         f"{s.nodes} node{'s' if s.nodes > 1 else ''}",
         "",
     ]
-    width = max(len(line.label) for line in est.lines) + 2
-    lines.append(f"{'per device':<{width}}{'GiB':>9}   when")
-    for line in est.lines:
+    unit, size = ("GiB", GIB) if est.peak >= GIB else ("MiB", 2**20)
+    shown = [line for line in est.lines if max(line.device, line.cpu) / size >= 0.0005]  # no 0.000 rows
+    width = max(len(line.label) for line in shown) + 2
+    lines.append(f"{'per device':<{width}}{unit:>9}   when")
+    for line in shown:
         when = {"resident": "always", "backward": "backward", "step": "optimizer step"}[line.phase]
         if line.cpu and not line.device:
             lines.append(f"  {line.label:<{width - 2}}{'-':>9}   CPU: {line.cpu / GIB:.2f} GiB per node")
         else:
-            lines.append(f"  {line.label:<{width - 2}}{line.device / GIB:>9.3f}   {when}")
-    lines.append(f"{'peak per device (always + the larger of backward / step)':<{width}}{est.peak / GIB:>9.2f}")
+            lines.append(f"  {line.label:<{width - 2}}{line.device / size:>9.3f}   {when}")
+    lines.append(f"{'peak per device (always + the larger of backward / step)':<{width}}{est.peak / size:>9.2f}")
     if est.model_states_cpu:
-        lines.append(f"{'CPU memory per node (offloaded, x1.5 buffers)':<{width}}{est.model_states_cpu / GIB:>9.2f}")
+        lines.append(f"{'CPU memory per node (offloaded, x1.5 buffers)':<{width}}{est.model_states_cpu / GIB:>9.2f} GiB")
     if est.gpu_gib is not None:
         context = CUDA_CONTEXT_GIB if s.on_gpu else 0.0
         need = f"{est.peak / GIB:.2f} GiB" + (f" + {context:g} GiB CUDA context" if context else "")

@@ -332,6 +332,9 @@ def prepare_for_training(model: nn.Module, model_cfg):
     from peft import get_peft_model
 
     finetune = finetune_of(model_cfg)
+    # from_pretrained returns a model in eval mode, and Lightning keeps each module's mode at fit start: a base left
+    # in eval mode would skip gradient checkpointing (transformers checkpoints only in training mode) and its dropout.
+    model.train()
     if _get(model_cfg, "gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base the embeddings output needs grad, or checkpointed blocks get no gradient path.
