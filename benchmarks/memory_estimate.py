@@ -150,12 +150,11 @@ def deepspeed_rows() -> list[dict]:
 
     rows = []
     for model, overrides in DS_MODELS.items():
+        base = estimate_run(compose_config([*overrides, "model.quantization=none", "model.finetune=full",
+                                            "optimizer.name=adamw", "trainer.precision=bf16-mixed"]))
         for strategy in DS_STRATEGIES:
             for devices in (1, 2, 8):
-                cfg = compose_config([*overrides, "model.quantization=none", "model.finetune=full",
-                                      "optimizer.name=adamw", "trainer.precision=bf16-mixed",
-                                      f"estimate.strategy={strategy}", f"estimate.devices={devices}"])
-                est = estimate_run(cfg)
+                est = base.with_settings(strategy=strategy, devices_per_node=devices)
                 offload = strategy.endswith("offload")
                 if strategy.startswith("deepspeed_zero2"):
                     cpu, gpu = estimate_zero2_model_states_mem_needs(est.params_total, num_gpus_per_node=devices,

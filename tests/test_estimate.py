@@ -2,8 +2,7 @@
 tensors, bitsandbytes' quantized layers, the optimizers' states), the model states against DeepSpeed's own
 estimator, the weights against accelerate's, hand-computed numbers for the tiny recipe, bad input, and the command."""
 
-import json
-import math
+import functools
 import os
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import torch
 from conftest import ROOT, TINY_LLAMA, compose
 
 from slimtune.errors import SlimtuneError
-from slimtune.estimate import (GIB, OPTIMIZER_STATES, STRATEGIES, Settings, estimate_run, format_estimate,
-                               print_estimate, quantized_bytes, strategy_of)
+from slimtune.estimate import OPTIMIZER_STATES, estimate_run, print_estimate, quantized_bytes, strategy_of
 from slimtune.models import load_model
 
 TINY3 = {**TINY_LLAMA, "num_hidden_layers": 3}
@@ -166,6 +164,13 @@ def test_optimizer_states_equal_the_real_optimizers(optimizer):
 # --------------------------------------------------------------------------- anchors: DeepSpeed and accelerate
 
 
+@functools.lru_cache(maxsize=None)
+def _full_finetune(recipe: str, precision: str):
+    """A full fine-tune of the recipe's model with AdamW (its skeleton built once; strategies via with_settings)."""
+    return estimate_run(compose(f"recipe={recipe}", "model.quantization=none", "model.finetune=full",
+                                "optimizer.name=adamw", f"trainer.precision={precision}"))
+
+
 @pytest.mark.parametrize("recipe", ["full_tiny", "qlora_7b"])
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
                                       "deepspeed_zero3_offload"])
@@ -177,9 +182,7 @@ def test_model_states_equal_deepspeeds_estimator(recipe, strategy):
 
     offload = strategy.endswith("offload")
     for devices in (1, 2, 4):
-        cfg = compose(f"recipe={recipe}", "model.quantization=none", "model.finetune=full", "optimizer.name=adamw",
-                      "trainer.precision=bf16-mixed", f"estimate.strategy={strategy}", f"estimate.devices={devices}")
-        est = estimate_run(cfg)
+        est = _full_finetune(recipe, "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
         total, largest = est.params_total, est.largest_layer_params
         if strategy.startswith("deepspeed_zero2"):
             cpu, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=devices, cpu_offload=offload)
@@ -263,8 +266,7 @@ def test_sharding_divides_what_each_strategy_shards():
     """7B full fine-tune, bf16-mixed: ZeRO-2 shards gradients and states, ZeRO-3/FSDP the parameters too; DDP adds a
     second copy of the gradients; offload moves states to the CPU."""
     def run(strategy, devices):
-        return estimate_run(compose("recipe=qlora_7b", "model.quantization=none", "model.finetune=full",
-                                    "optimizer.name=adamw", f"estimate.strategy={strategy}", f"estimate.devices={devices}"))
+        return _full_finetune("qlora_7b", "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
 
     single, ddp = run("single", 1), run("ddp", 2)
     n = single.params_trainable
@@ -275,6 +277,9 @@ def test_sharding_divides_what_each_strategy_shards():
     assert z2.value("optimizer") == z3.value("optimizer") == pytest.approx(8 * n / 4, rel=1e-6)
     fsdp = run("fsdp", 4)
     assert fsdp.value("trainable") == 2 * n / 4 and fsdp.value("gradients") == 2 * n / 4
+    direct = estimate_run(compose("recipe=qlora_7b", "model.quantization=none", "model.finetune=full",
+                                  "optimizer.name=adamw", "estimate.strategy=deepspeed_zero3", "estimate.devices=4"))
+    assert [(line.key, line.device) for line in direct.lines] == [(line.key, line.device) for line in z3.lines]
     offload = run("deepspeed_zero3_offload", 4)
     assert offload.value("optimizer") == 0 and offload.line("optimizer").cpu > 0
     assert offload.peak < z3.peak < z2.peak < single.peak

@@ -410,6 +410,14 @@ class Estimate:
     activations: Activations
     gpu_gib: float | None = None
     notes: list[str] = field(default_factory=list)
+    params: list[Param] = field(default_factory=list, repr=False)  # the inventory, to re-estimate other settings
+
+    def with_settings(self, **changes) -> "Estimate":
+        """The same model under other settings (e.g. strategy=..., devices_per_node=...), without rebuilding it."""
+        other = estimate(self.arch, self.params, replace(self.settings, **changes), name=self.name, model=self.model,
+                         gpu_gib=self.gpu_gib)
+        other.lines[:0] = [line for line in self.lines if line.key == "buffers"]
+        return other
 
     def line(self, key: str) -> Line:
         return next(line for line in self.lines if line.key == key)
@@ -580,7 +588,7 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
         "per trainable param under DeepSpeed); CPU figures include DeepSpeed's 1.5x buffer factor",
     ]
     return Estimate(name, model, arch, settings, sum(p.numel for p in params), n_train,
-                    sum(p.numel for p in quantized), largest, lines, acts, gpu_gib, notes)
+                    sum(p.numel for p in quantized), largest, lines, acts, gpu_gib, notes, list(params))
 
 
 def largest_layer(params: Iterable[Param]) -> int:
