@@ -252,6 +252,7 @@ def test_strategy_names_from_the_trainer_config():
     assert strategy_of("auto", 1)[0] == "single" and strategy_of("auto", 2)[0] == "ddp"
     assert strategy_of("deepspeed_stage_3_offload", 2)[0] == "deepspeed_zero3_offload"
     assert strategy_of({"_target_": "lightning.pytorch.strategies.FSDPStrategy"}, 2)[0] == "fsdp"
+    assert strategy_of({"_target_": "some.factory", "name": "deepspeed_zero3"}, 2)[0] == "deepspeed_zero3"
     node = {"_target_": "x.DeepSpeedStrategy", "stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False}
     name, buckets = strategy_of(node, 2)
     assert name == "deepspeed_zero2" and buckets["reduce_bucket_size"] == 1000 and not buckets["overlap_comm"]

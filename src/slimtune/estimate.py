@@ -651,6 +651,8 @@ def strategy_of(node, devices: int) -> tuple[str, dict[str, Any]]:
         raise SlimtuneError(f"trainer.strategy={alias!r} has no memory estimate; valid: set estimate.strategy to one "
                             f"of {choices(STRATEGIES)}")
     node = dict(node)
+    if node.get("name") in STRATEGIES and node["name"] != "auto":  # a factory node naming its strategy
+        return str(node["name"]), buckets
     target = str(node.get("_target_", ""))
     cls = target.rsplit(".", 1)[-1].lower()
     if "deepspeed" in cls:
