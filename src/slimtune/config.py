@@ -12,15 +12,26 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from slimtune.errors import SlimtuneError, choices
+from slimtune.estimate import STRATEGIES as ESTIMATE_STRATEGIES
 
 ROOT_ENV = "SLIMTUNE_ROOT"
+PROJECT_FOLDERS = ("configs", "recipes", "callbacks")
+# A wheel carries the checkout's top-level configs/, recipes/ and callbacks/ here (setup.py maps them in).
+PACKAGED_ROOT = Path(__file__).resolve().parent / "_project"
 
 
 def project_root() -> Path:
-    """Folder holding configs/, recipes/ and callbacks/: $SLIMTUNE_ROOT, else the checkout this package lives in."""
+    """Folder holding configs/, recipes/ and callbacks/: $SLIMTUNE_ROOT; else the checkout this package lives in
+    (src/slimtune inside it: a clone, or an editable install); else the copies an installed wheel carries in
+    slimtune/_project/."""
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV]).resolve()
-    return Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "configs" / "config.yaml").is_file() and all((checkout / d).is_dir() for d in PROJECT_FOLDERS):
+        return checkout
+    if (PACKAGED_ROOT / "configs" / "config.yaml").is_file():
+        return PACKAGED_ROOT
+    return checkout
 
 
 def recipe_names(root: Path | None = None) -> list[str]:
@@ -103,8 +114,15 @@ def _compose(overrides: list[str], root: Path | None = None) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def expand_shorthands(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """`estimate=VALUE` is short for `estimate.enabled=VALUE` (`estimate` is a group of settings, and Hydra would
+    replace the whole group by the value)."""
+    return [f"estimate.enabled={arg.split('=', 1)[1]}" if arg.startswith("estimate=") else arg for arg in overrides]
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = (), root: Path | None = None) -> DictConfig:
     """The composed config `python train.py OVERRIDES...` would run, or a one-line SlimtuneError."""
+    overrides = expand_shorthands(overrides)
     try:
         return _compose(list(overrides), root)
     except SlimtuneError:
@@ -214,6 +232,11 @@ SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("export.merged", _bool, "true or false"),
     ("export.quantized", _or_none(_bool), "true, false or null (written when a callback in the run makes it)"),
     ("export.compressed_tensors", _or_none(_bool), "true, false or null"),
+    ("estimate.enabled", _bool, "true or false (estimate=true prints the memory estimate and exits)"),
+    ("estimate.gpu_gib", _or_none(lambda v: _is_number(v) and v > 0), "a device's memory in GiB > 0 (e.g. 24), or null"),
+    ("estimate.strategy", lambda v: v is None or v in ESTIMATE_STRATEGIES,
+     f"null (the run's trainer.strategy) or one of {choices(ESTIMATE_STRATEGIES)}"),
+    ("estimate.devices", _or_none(_int_at_least(1)), "a positive integer (devices per node), or null (trainer.devices)"),
 )
 
 _ABSENT = object()
@@ -283,6 +306,8 @@ def check_config(cfg: DictConfig) -> dict:
         value = _lookup(values, key)
         if value is not _ABSENT and not is_valid(value):
             raise SlimtuneError(f"{key}={value!r} is not valid; valid: {valid}")
+    if (values.get("estimate") or {}).get("enabled"):
+        return check_estimate_config(values)
     trainer = values.get("trainer") or {}
     if trainer.get("max_steps", -1) == -1 and trainer.get("max_epochs", None) == -1:
         raise SlimtuneError("trainer.max_steps=-1 with trainer.max_epochs=-1 never stops; valid: a positive "
@@ -309,6 +334,18 @@ def check_config(cfg: DictConfig) -> dict:
     check_source(model)
     if ckpt_file:
         check_checkpoint(ckpt_file)
+    return values
+
+
+def check_estimate_config(values: dict) -> dict:
+    """What a memory estimate reads: the model's settings and source (its config, no weights). The output folder, the
+    data and this machine's devices are not checked: an estimate plans a run for another machine and writes nothing."""
+    from slimtune.models.loading import check_source, dtype_of, finetune_of
+
+    model = values.get("model") or {}
+    dtype_of(model)
+    finetune_of(model)
+    check_source(model)
     return values
 
 

@@ -387,7 +387,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Every input is checked before the output folder is created, so bad input leaves nothing behind; a run that
     fails later removes the folder it created if nothing useful is in it (see `_remove_if_nothing_useful`).
+    With `estimate=true` it prints the memory the run needs instead (`slimtune.estimate`) and writes nothing.
     """
+    if OmegaConf.select(cfg, "estimate.enabled", default=False):
+        from slimtune.estimate import print_estimate
+
+        return print_estimate(cfg)
     job = prepare(cfg)
     out = Path(cfg.output_dir)
     missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # what mkdir(parents=True) creates

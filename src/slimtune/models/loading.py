@@ -336,6 +336,9 @@ def prepare_for_training(model: nn.Module, model_cfg):
     from peft import get_peft_model
 
     finetune = finetune_of(model_cfg)
+    # from_pretrained returns a model in eval mode, and Lightning keeps each module's mode at fit start: a base left
+    # in eval mode would skip gradient checkpointing (transformers checkpoints only in training mode) and its dropout.
+    model.train()
     if _get(model_cfg, "gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base the embeddings output needs grad, or checkpointed blocks get no gradient path.
@@ -356,11 +359,12 @@ def load_model(model_cfg, device=None):
 
 def build_skeleton(model_cfg):
     """The model as `load_model` would build it, on the meta device: no download, no memory. For checks and sizing."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_cfg)
-    with init_empty_weights():
+    # torch's meta device, not accelerate's init_empty_weights: under the latter transformers 5 leaves tied
+    # embeddings untied (lm_head counted twice).
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype_of(model_cfg))
         model.config.use_cache = False
         model = prepare_for_training(model, {**_as_dict(model_cfg), "gradient_checkpointing": False})
