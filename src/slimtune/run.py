@@ -268,10 +268,9 @@ def _keep_logged_rows(logger, ckpt_file: Path) -> None:
     metrics_file = Path(logger.log_dir) / "metrics.csv"
     if not metrics_file.is_file():
         return
-    import torch
+    from slimtune.config import checkpoint_global_step
 
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    resumed_at = int(checkpoint.get("global_step", 0))
+    resumed_at = checkpoint_global_step(ckpt_file)
     with metrics_file.open(newline="") as handle:
         reader = csv.DictReader(handle)
         keys = list(reader.fieldnames or [])
@@ -292,11 +291,9 @@ def _number(text: str) -> int | float:
 def finish(job: Job) -> dict[str, Any]:
     """Export the adapter and the merged model, write and log the report."""
     from slimtune.callbacks import CompressionStats, PerplexityEvaluation, PostTrainingQuantization
-    from slimtune.callbacks.ptq import export_compressed_tensors, export_quantized
-    from slimtune.models import save_adapter, save_merged
-    from slimtune.models.loading import dtype_of, quantization_of
+    from slimtune.models.loading import quantization_of
 
-    cfg, trainer, module, out = job.cfg, job.trainer, job.module, Path(job.cfg.output_dir)
+    cfg, trainer, module = job.cfg, job.trainer, job.module
     report: dict[str, Any] = {
         "name": cfg.get("name"),
         "model": str(cfg.model.get("name_or_path") or "config"),
@@ -316,8 +313,20 @@ def finish(job: Job) -> dict[str, Any]:
             report.update({f"{cb.name}_{k}": v for k, v in cb.stats.items()})
         if isinstance(cb, PostTrainingQuantization):
             report.update(cb.report())
-    if not trainer.is_global_zero:
-        return report
+    from slimtune.lightning.strategies import full_weights
+
+    with full_weights(trainer, job.model):  # ZeRO-3, FSDP: every process gathers the weights, rank 0 writes
+        if not trainer.is_global_zero:
+            return report
+        return _write_exports(job, report)
+
+
+def _write_exports(job: Job, report: dict[str, Any]) -> dict[str, Any]:
+    from slimtune.callbacks.ptq import export_compressed_tensors, export_quantized
+    from slimtune.models import save_adapter, save_merged
+    from slimtune.models.loading import dtype_of
+
+    cfg, trainer, out = job.cfg, job.trainer, Path(job.cfg.output_dir)
     export = cfg.get("export") or {}
     if export.get("adapter", True) and report["finetune"] == "lora":
         report["adapter_dir"] = str(save_adapter(job.model, out / "adapter", job.tokenizer))
