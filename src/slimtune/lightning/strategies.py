@@ -334,3 +334,37 @@ def _unwrapped_fsdp_modules(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for parent, name, wrapper in reversed(swapped):
             setattr(parent, name, wrapper)
+
+
+# ------------------------------------------------------------------------------------------------ checks, up front
+
+
+def cpu_adam_missing() -> str | None:
+    """Why DeepSpeed's CPU Adam op (ZeRO-Offload's optimizer) cannot be loaded or built here, or None when it can.
+
+    Without building it: the op is prebuilt into the deepspeed install, or a JIT build is cached (torch's extensions
+    folder, $TORCH_EXTENSIONS_DIR), or ninja and a C++ compiler ($CXX, else c++) are there to build it (about 2 minutes
+    on first use, see README "Scale").
+    """
+    import shutil
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if builder is None:
+        return f"DeepSpeed's {get_accelerator()._name} accelerator has no CPU Adam op"
+    if installed_ops.get(builder.name, False):
+        return None
+    if not builder.is_compatible(verbose=False):
+        return f"DeepSpeed's CPU Adam op is not compatible with this machine ({'; '.join(builder.error_log or []) or 'see ds_report'})"
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    cached = any(root.glob(f"*/{builder.name}/{builder.name}*.so")) or any(root.glob(f"{builder.name}/{builder.name}*.so"))
+    missing = [tool for tool, found in (("ninja", shutil.which("ninja")),
+                                        (f"a C++ compiler ({os.environ.get('CXX', 'c++')})",
+                                         shutil.which(os.environ.get("CXX", "c++")))) if not found]
+    if "ninja" in missing or (missing and not cached):
+        return f"DeepSpeed's CPU Adam op is not built and cannot be: no {' and no '.join(missing)}"
+    return None

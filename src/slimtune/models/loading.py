@@ -389,4 +389,9 @@ def logical_numel(p: torch.Tensor) -> int:
     quant_state = getattr(p, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
-    return p.numel()
+    return stored_numel(p)
+
+
+def stored_numel(p: torch.Tensor) -> int:
+    """Elements a tensor stores, also when DeepSpeed ZeRO-3 has partitioned it (then `ds_numel` is its whole size)."""
+    return int(getattr(p, "ds_numel", p.numel()))
