@@ -103,3 +103,105 @@ def test_two_processes_train_as_one_process_with_the_global_batch_and_resume(str
     train(resumed, f"strategy={strategy}", "ckpt_path=last")
     assert max_difference(weights(resumed)[0], weights(straight)[0]) <= 1e-7
     assert max_difference(weights(resumed)[1], weights(straight)[1]) <= 1e-7
+
+
+@pytest.fixture(scope="module")
+def single_qlora(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single_qlora") / "run"
+    train(out, "model.quantization=nf4", devices=1, batch=BATCH * DEVICES)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_qlora_under_zero_trains_as_one_process(strategy, single_qlora, tmp_path):
+    """An NF4 base (double quantization) with LoRA: ZeRO-2 replicates the 4-bit codes, ZeRO-3 partitions them (uint8,
+    beside the float adapters) and gathers each layer's for its forward and backward, with bitsandbytes' quant state
+    kept on the parameter."""
+    out = tmp_path / "run"
+    result = train(out, f"strategy={strategy}", "model.quantization=nf4")
+    check_like_single(out, single_qlora, result)
+    report = (out / "report.json").read_text()
+    assert '"quantization": "nf4"' in report
+
+
+@pytest.mark.slow
+def test_zero3_offload_steps_with_cpu_adam_like_one_process(single, tmp_path):
+    """Parameters and optimizer states in CPU memory, AdamW stepped by DeepSpeed's CPU Adam (the C++ op; slimtune
+    hands it the AdamW of optimizer.*): the same weights as torch's AdamW in one process, within ATOL."""
+    out = tmp_path / "run"
+    result = train(out, "strategy=deepspeed_zero3_offload")
+    check_like_single(out, single, result)
+
+
+# ----------------------------------------------------------------------------------------------- in one process
+
+
+def test_presets_pick_lightning_classes_on_gpus_and_cpu_subclasses_on_cpus(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from conftest import compose
+    from slimtune.lightning import strategies
+
+    expected = {
+        "ddp": (DDPStrategy, DDPStrategy),
+        "deepspeed_zero2": (DeepSpeedStrategy, strategies.CPUDeepSpeedStrategy),
+        "deepspeed_zero3": (DeepSpeedStrategy, strategies.CPUDeepSpeedStrategy),
+        "deepspeed_zero3_offload": (strategies.OffloadDeepSpeedStrategy, strategies.CPUDeepSpeedStrategy),
+        "fsdp": (strategies.ClippingFSDPStrategy, strategies.CPUFSDPStrategy),
+    }
+    stages = {"deepspeed_zero2": 2, "deepspeed_zero3": 3, "deepspeed_zero3_offload": 3}
+    for preset, (on_gpu, on_cpu) in expected.items():
+        for accelerator, cls in (("gpu", on_gpu), ("cpu", on_cpu)):
+            cfg = compose("recipe=qlora_tiny", f"strategy={preset}", f"trainer.accelerator={accelerator}",
+                          "data.batch_size=3")
+            strategy = instantiate(cfg.trainer.strategy, _convert_="all")
+            assert type(strategy) is cls, (preset, accelerator)
+            if preset in stages:
+                assert strategy.config["zero_optimization"]["stage"] == stages[preset]
+                assert strategy.config["train_micro_batch_size_per_gpu"] == 3  # = data.batch_size
+                assert strategies.offloads_optimizer(strategy.config) == preset.endswith("offload")
+
+
+def test_own_deepspeed_json_replaces_the_preset_settings(tmp_path):
+    import json
+
+    from hydra.utils import instantiate
+
+    from conftest import compose
+
+    own = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}, "zero_allow_untested_optimizer": True}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(own))
+    cfg = compose("recipe=qlora_tiny", "strategy=deepspeed_zero2", f"trainer.strategy.config={path}")
+    strategy = instantiate(cfg.trainer.strategy, _convert_="all")
+    assert strategy.config == own and strategy.zero_stage_3
+
+
+@pytest.mark.parametrize("preset", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_lightning_keeps_the_global_batch_sampler(preset, tiny_tokenizer):
+    """Lightning swaps a loader's sampler for its DistributedSampler under distributed strategies unless the sampler
+    is one already: GlobalBatchSampler derives from it, so each rank keeps its slice of the global batch."""
+    import lightning.pytorch as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from conftest import compose
+    from slimtune.data.sampling import GlobalBatchSampler
+    from slimtune.lightning import CausalLMDataModule
+
+    cfg = compose("recipe=qlora_tiny", f"strategy={preset}", "trainer.devices=2", "model.quantization=none")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=instantiate(cfg.trainer.strategy, _convert_="all"),
+                        logger=False, enable_checkpointing=False)
+    assert trainer._accelerator_connector.is_distributed and trainer._accelerator_connector.use_distributed_sampler
+    datamodule = CausalLMDataModule(tiny_tokenizer, cfg.data)
+    datamodule.trainer = trainer
+    loader = datamodule.train_dataloader()
+    prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+    assert prepared is loader and isinstance(prepared.sampler, GlobalBatchSampler)
+    # Each rank's slice of global batch g is the g-th batch of 8 one process draws, in two halves.
+    one = GlobalBatchSampler(100, 8, seed=3).order(0)
+    halves = [GlobalBatchSampler(100, 4, seed=3, rank=r, world_size=2).order(0) for r in (0, 1)]
+    for g in range(len(one) // 8):
+        assert halves[0][4 * g:4 * g + 4] + halves[1][4 * g:4 * g + 4] == one[8 * g:8 * g + 8]

@@ -148,7 +148,7 @@ def check_strategy(cfg: DictConfig, trainer) -> None:
     from slimtune.models.loading import quantization_of
 
     strategy = trainer.strategy
-    name = type(strategy).__name__
+    name = _strategy_label(strategy)
     quant = quantization_of(cfg.model)
     if isinstance(strategy, FSDPStrategy) and quant != "none":
         raise SlimtuneError(f"trainer.strategy={name} cannot shard a bitsandbytes {quant} base (FSDP flattens "
@@ -177,6 +177,17 @@ def check_strategy(cfg: DictConfig, trainer) -> None:
         if processes != info["world_size"]:
             raise SlimtuneError(f"ckpt_path {ckpt!r} holds the ZeRO shards of {info['world_size']} processes and this "
                                 f"run starts {processes}; valid: trainer.devices x trainer.num_nodes = {info['world_size']}")
+
+
+def _strategy_label(strategy) -> str:
+    """The preset name a user would type for this strategy (the class name for others)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return f"deepspeed_zero{(strategy.config.get('zero_optimization') or {}).get('stage', 0)}"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
+    return "ddp" if type(strategy) is DDPStrategy else type(strategy).__name__
 
 
 def _check_deepspeed(cfg: DictConfig, strategy, quant: str, processes: int) -> None:

@@ -362,9 +362,9 @@ def cpu_adam_missing() -> str | None:
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     cached = any(root.glob(f"*/{builder.name}/{builder.name}*.so")) or any(root.glob(f"{builder.name}/{builder.name}*.so"))
+    compiler = os.environ.get("CXX", "c++")
     missing = [tool for tool, found in (("ninja", shutil.which("ninja")),
-                                        (f"a C++ compiler ({os.environ.get('CXX', 'c++')})",
-                                         shutil.which(os.environ.get("CXX", "c++")))) if not found]
-    if "ninja" in missing or (missing and not cached):
-        return f"DeepSpeed's CPU Adam op is not built and cannot be: no {' and no '.join(missing)}"
+                                        (f"C++ compiler ({compiler})", shutil.which(compiler))) if not found]
+    if "ninja" in missing or (missing and not cached):  # torch runs ninja even to load a cached build
+        return f"it is not built ({root} holds no {builder.name} build) and cannot be: no {', no '.join(missing)}"
     return None
