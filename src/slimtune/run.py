@@ -154,6 +154,14 @@ def check_strategy(cfg: DictConfig, trainer) -> None:
         raise SlimtuneError(f"trainer.strategy={name} cannot shard a bitsandbytes {quant} base (FSDP flattens "
                             f"parameters into float tensors; model.quantization={quant!r}); valid: "
                             "strategy=deepspeed_zero2 or deepspeed_zero3 for QLoRA, or model.quantization=none")
+    if isinstance(strategy, FSDPStrategy):
+        # slimtune's callbacks read or run the model outside FSDP's root forward (perplexity fails at fit start,
+        # statistics would count shards); ZeRO-3 gathers on demand, so they run there.
+        measuring = [name for name, node in (cfg.get("callbacks") or {}).items()
+                     if isinstance(node, DictConfig) and str(node.get("_target_", "")).startswith("slimtune.")]
+        if measuring:
+            raise SlimtuneError(f"trainer.strategy=fsdp cannot run slimtune's callbacks yet (callbacks: "
+                                f"{', '.join(measuring)}); valid: callbacks=[] with fsdp, or strategy=deepspeed_zero3")
     processes = trainer.num_devices * trainer.num_nodes
     if isinstance(strategy, DeepSpeedStrategy):
         _check_deepspeed(cfg, strategy, quant, processes)
