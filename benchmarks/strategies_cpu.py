@@ -13,8 +13,9 @@ the second process), with a measuring callback added. Per process it records:
   training step;
 * model states: the bytes of the distinct tensor storages the process holds for parameters (frozen base and trainable;
   ZeRO-3 partitions, FSDP shards), gradients, and optimizer states (Adam's two moments; DeepSpeed's fp32 master
-  partition), in the last step after its backward, before the optimizer step (`on_before_optimizer_step`). Communication buffers (DDP's gradient buckets, DeepSpeed's reduce buckets) are
-  not model states and are left out everywhere.
+  partition), in the last step after its backward, before the optimizer step (`on_before_optimizer_step`).
+  Communication buffers (DDP's gradient buckets, DeepSpeed's reduce buckets) are not model states and are left out
+  everywhere.
 
 ZeRO's theory per process, with N processes, Psi trainable elements (4-byte parameters and gradients) and F bytes of
 frozen parameters: ddp F + 4 Psi + 4 Psi + 8 Psi (torch AdamW: m, v); zero2 F + 4 Psi + (4 Psi + 12 Psi) / N (DeepSpeed

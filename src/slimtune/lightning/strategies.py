@@ -107,10 +107,9 @@ def _as_cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     kept = ("params", "lr", "betas", "eps", "weight_decay", "initial_lr")
     groups = [{key: group[key] for key in kept if key in group} for group in optimizer.param_groups]
     defaults = optimizer.defaults
-    cpu_adam = DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
-                                weight_decay=defaults["weight_decay"],
-                                adamw_mode=isinstance(optimizer, torch.optim.AdamW))
-    return cpu_adam
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(defaults.get("decoupled_weight_decay", False))
+    return DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                            weight_decay=defaults["weight_decay"], adamw_mode=decoupled)
 
 
 class OffloadDeepSpeedStrategy(_CPUAdamForOffload, DeepSpeedStrategy):
@@ -353,11 +352,11 @@ def cpu_adam_missing() -> str | None:
 
     builder = get_accelerator().create_op_builder("CPUAdamBuilder")
     if builder is None:
-        return f"DeepSpeed's {get_accelerator()._name} accelerator has no CPU Adam op"
+        return f"DeepSpeed's {get_accelerator()._name} accelerator has none"
     if installed_ops.get(builder.name, False):
         return None
     if not builder.is_compatible(verbose=False):
-        return f"DeepSpeed's CPU Adam op is not compatible with this machine ({'; '.join(builder.error_log or []) or 'see ds_report'})"
+        return f"it is not compatible with this machine ({builder.error_log or 'see ds_report'})"
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -366,5 +365,6 @@ def cpu_adam_missing() -> str | None:
     missing = [tool for tool, found in (("ninja", shutil.which("ninja")),
                                         (f"C++ compiler ({compiler})", shutil.which(compiler))) if not found]
     if "ninja" in missing or (missing and not cached):  # torch runs ninja even to load a cached build
-        return f"it is not built ({root} holds no {builder.name} build) and cannot be: no {', no '.join(missing)}"
+        where = "" if cached else f" ({root} holds no {builder.name} build)"
+        return f"it can be neither built nor loaded here{where}: no {', no '.join(missing)}"
     return None
