@@ -355,7 +355,7 @@ def deepspeed_checkpoint_tag(folder: Path) -> Path | None:
     except (OSError, UnicodeDecodeError):
         return None
     tag_dir = folder / tag
-    if not tag or "/" in tag or not tag_dir.is_dir() or not list(tag_dir.glob("*model_states.pt")):
+    if tag in ("", ".", "..") or "/" in tag or not tag_dir.is_dir() or not list(tag_dir.glob("*model_states.pt")):
         return None
     return tag_dir
 
