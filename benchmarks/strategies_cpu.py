@@ -229,7 +229,13 @@ def one_run(args, model: str, strategy: str) -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
+def _step(run: dict) -> float:
+    return C.median([p["median_step_seconds"] for p in run["processes"]])
+
+
 def summarize(runs: list[dict], strategies: list[str], models: list[str]) -> dict:
+    """Medians over rounds per strategy; step times also as the median over rounds of the ratio to the first strategy
+    of the same round (the runs of one round are minutes apart, so they saw similar load)."""
     summary = {}
     for model in models:
         rows = {}
@@ -244,9 +250,13 @@ def summarize(runs: list[dict], strategies: list[str], models: list[str]) -> dic
             expected = theory(strategy, first["trainable_elements"], first["frozen_bytes"], PROCESSES)
             measured = [p["model_states_bytes"] for p in processes if p["model_states_bytes"]]
             measured_total = C.median([m["total"] for m in measured])
+            baseline = {r["round"]: r for r in runs if r["model"] == model and r["strategy"] == strategies[0]
+                        and "error" not in r}
+            ratios = [_step(r) / _step(baseline[r["round"]]) for r in ok if r["round"] in baseline]
             rows[strategy] = {
                 "rounds": len(ok),
                 "median_step_seconds": C.median([p["median_step_seconds"] for p in processes]),
+                f"step_time_over_{strategies[0]}_same_round": C.median(ratios),
                 "peak_rss_mb_per_process": C.median([p["peak_rss_mb"] for p in processes]),
                 "peak_rss_in_training_mb_per_process": C.median([p["peak_rss_in_training_mb"] for p in processes]),
                 "model_states_mb_per_process": {k: C.median([m[k] for m in measured]) / 2**20 for k in measured[0]},
