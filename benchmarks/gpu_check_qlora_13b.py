@@ -2,6 +2,15 @@
 
     python benchmarks/gpu_check_qlora_13b.py             # needs one CUDA GPU (>= 24 GB); no download, random weights
     python benchmarks/gpu_check_qlora_13b.py --dry-run   # no GPU: the plan (shapes, parameters, memory estimate)
+    python benchmarks/gpu_check_qlora_13b.py --strategy deepspeed_zero3             # all GPUs of the machine
+    python benchmarks/gpu_check_qlora_13b.py --strategy deepspeed_zero3 --dry-run   # no GPU: the plan per GPU, and
+                                                  # the same multi-process path on 2 CPU processes with a tiny Llama
+
+`--strategy deepspeed_zero3` trains through Lightning with slimtune's `strategy=deepspeed_zero3` preset on every GPU
+(`--devices N` for fewer): Lightning starts one process per GPU (this script again), each builds the model on its own
+GPU and quantizes it, DeepSpeed partitions the 4-bit codes, the LoRA weights, their gradients and the paged 8-bit AdamW
+states over the processes, with bf16-mixed precision and gradient checkpointing as the recipe says. It reports each
+GPU's peak memory and the step times (the global batch is batch-size x GPUs).
 
 It composes `recipe=qlora_13b`, builds the model from the bundled Llama-2-13B config with random weights directly in
 bf16 on the GPU, quantizes every linear layer (but lm_head) to NF4 + double quantization in place with slimtune's
@@ -139,6 +148,123 @@ def gpu_run(cfg, config, args) -> dict:
     }
 
 
+def zero3_plan(base_plan: dict, devices: int) -> dict:
+    """Model states per GPU under ZeRO-3: everything the single-GPU estimate holds, partitioned over `devices`."""
+    est = base_plan["estimate_before_activations"]
+    per_gpu = {key: value / devices for key, value in est.items()}
+    return {"devices": devices, "model_states_per_gpu_gib": per_gpu,
+            "note": "plus, while a layer runs, its gathered 4-bit codes and LoRA weights, and the activations"}
+
+
+class _StepTimer:
+    """Lightning callback (built lazily: Lightning imports only here): step times and this GPU's peak memory."""
+
+    def __new__(cls, on_gpu: bool):
+        import lightning.pytorch as L
+        import torch
+
+        class StepTimer(L.Callback):
+            def __init__(self):
+                self.step_s, self.losses, self.peaks = [], [], None
+                self._started = 0.0
+
+            def on_train_start(self, trainer, pl_module):
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if on_gpu:
+                    torch.cuda.synchronize()
+                self._started = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if on_gpu:
+                    torch.cuda.synchronize()
+                self.step_s.append(time.perf_counter() - self._started)
+                self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+
+            def on_train_end(self, trainer, pl_module):
+                if on_gpu:
+                    own = [torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB]
+                else:
+                    import resource
+
+                    own = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 0.0]
+                gathered = trainer.strategy.all_gather(torch.tensor(own, device=pl_module.device))
+                self.peaks = gathered.reshape(-1, 2).tolist()
+
+        return StepTimer()
+
+
+def zero3_run(args, on_gpu: bool) -> dict | None:
+    """Train under `strategy=deepspeed_zero3` on `args.devices` GPUs (or, with on_gpu False, 2 CPU processes and a
+    tiny Llama: the same path, for --dry-run). Every process runs this; rank 0 returns the result, the others None."""
+    import lightning.pytorch as L
+    import torch
+    from hydra.utils import instantiate
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.config import compose_config
+    from slimtune.lightning import CausalLMModule
+    from slimtune.models import load_config
+    from slimtune.models.loading import _local_cuda_device, _swap_linear_for_bnb, dtype_of, prepare_for_training
+
+    devices = args.devices or (torch.cuda.device_count() if on_gpu else 2)
+    overrides = ["recipe=qlora_13b", "strategy=deepspeed_zero3", f"trainer.devices={devices}",
+                 f"data.batch_size={args.batch_size}", "trainer.accumulate_grad_batches=1"]
+    if not on_gpu:  # the tiny Llama of the tests, fp32 on the CPU
+        overrides += ["model=tiny_llama", "model.quantization=nf4", "model.dtype=float32",
+                      "model.gradient_checkpointing=true", "model.lora.r=8", "trainer=cpu",
+                      "trainer.accumulate_grad_batches=1", f"trainer.devices={devices}"]
+    cfg = compose_config(overrides)
+    config = load_config(cfg.model)
+    dtype = dtype_of(cfg.model)
+    device = torch.device("cuda", _local_cuda_device()) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _swap_linear_for_bnb(model, str(cfg.model.quantization), bool(cfg.model.double_quant), dtype)
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    model.config.use_cache = False
+    model = prepare_for_training(model, cfg.model)
+    build_s = time.perf_counter() - t0
+    module = CausalLMModule(model, None, optimizer=cfg.optimizer, scheduler=cfg.scheduler)
+    steps = args.warmup + args.steps
+    seq_len = args.seq_len if on_gpu else 32
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, config.vocab_size, (steps * args.batch_size * devices, seq_len), generator=generator)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size)  # Lightning adds a DistributedSampler
+    timer = _StepTimer(on_gpu)
+    trainer = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=devices,
+                        strategy=instantiate(cfg.trainer.strategy, _convert_="all"), precision=cfg.trainer.precision,
+                        max_steps=steps, gradient_clip_val=float(cfg.trainer.gradient_clip_val), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer])
+    trainer.fit(module, loader)
+    if not trainer.is_global_zero:
+        return None
+    timed = timer.step_s[args.warmup:]
+    tokens = args.batch_size * devices * seq_len
+    memory = "peak_allocated_gib, peak_reserved_gib" if on_gpu else "peak_rss_gib, -"
+    return {
+        "strategy": "deepspeed_zero3", "devices": devices, "accelerator": "gpu" if on_gpu else "cpu (dry run)",
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
+        "model": "Llama-2-13B shape, random weights" if on_gpu else "tiny Llama (configs/model/tiny_llama.yaml)",
+        "precision": str(cfg.trainer.precision), "optimizer": str(cfg.optimizer.name),
+        "batch_size_per_device": args.batch_size, "seq_len": seq_len, "global_batch": args.batch_size * devices,
+        "build_and_quantize_seconds_rank0": build_s, "warmup_steps": args.warmup, "timed_steps": len(timed),
+        "step_seconds": timer.step_s, "median_step_seconds": C.median(timed),
+        "tokens_per_s": tokens * len(timed) / sum(timed) if timed else None, "losses_rank0": timer.losses,
+        "per_device_peaks": {"columns": memory, "values": timer.peaks},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="no GPU: build on the meta device and print the plan")
@@ -147,8 +273,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(C.RESULTS / "gpu_check_qlora_13b.json"))
+    p.add_argument("--strategy", choices=["single", "deepspeed_zero3"], default="single",
+                   help="single: one GPU, a plain training loop; deepspeed_zero3: all GPUs through Lightning")
+    p.add_argument("--devices", type=int, default=None, help="with --strategy deepspeed_zero3: GPUs (default: all)")
+    p.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/gpu_check_qlora_13b"
+                                              "[_deepspeed_zero3].json)")
     args = p.parse_args()
+    suffix = "" if args.strategy == "single" else f"_{args.strategy}"
+    args.out = args.out or str(C.RESULTS / f"gpu_check_qlora_13b{suffix}.json")
 
     import torch
 
@@ -164,10 +296,21 @@ def main() -> None:
     result = {"benchmark": "gpu_check_qlora_13b", "recipe": "qlora_13b",
               "command": "python " + " ".join([str(Path(__file__).relative_to(C.ROOT))] + sys.argv[1:]),
               "plan": plan(cfg, config)}
-    if args.dry_run:
+    if args.strategy == "deepspeed_zero3":
+        devices = args.devices or (torch.cuda.device_count() if torch.cuda.is_available() else 8)
+        result["plan"]["deepspeed_zero3"] = zero3_plan(result["plan"], devices)
+        run = zero3_run(args, on_gpu=not args.dry_run)
+        if run is None:  # a process of rank > 0: rank 0 reports
+            return
+        result["run" if not args.dry_run else "cpu_dry_run"] = run
+        if args.dry_run:
+            print(json.dumps(result, indent=2, default=str))
+            return
+    elif args.dry_run:
         print(json.dumps(result, indent=2))
         return
-    result["run"] = gpu_run(cfg, config, args)
+    else:
+        result["run"] = gpu_run(cfg, config, args)
     result["env"] = C.environment()
     C.write_json(Path(args.out), result)
     print(json.dumps(result, indent=2, default=str))

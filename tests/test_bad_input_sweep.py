@@ -29,6 +29,7 @@ class Case:
     id: str
     args: tuple[str, ...]
     names: str  # the error line must contain this: the bad value (and usually its key)
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables (`{inputs}` expands here too)
 
 
 class _RunsCodeWhenUnpickled:
@@ -61,6 +62,21 @@ def _make_inputs(folder: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, folder / "plain_tensors.ckpt")
     torch.save({"state_dict": {"model.w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0"},
                folder / "weights_only.ckpt")
+    file("ds_not_json.json", '{"zero_optimization": {"stage": 2,}')
+    file("ds_accumulation.json", '{"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}')
+    file("ds_micro_batch.json", '{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 16}')
+    # A DeepSpeed checkpoint folder as Lightning writes it (ZeRO-3, 2 processes), and one with a pickle bomb inside.
+    ds_state = {"module": {}, "param_shapes": [{"model.w": torch.Size([2])}], "dp_world_size": 2, "global_step": 3,
+                "ds_config": {"zero_optimization": {"stage": 3}}, "pytorch-lightning_version": "2.6.0", "loops": {}}
+    for name in ("ds_checkpoint", "ds_checkpoint_bomb"):
+        file(f"{name}/latest", "checkpoint")
+        (folder / name / "checkpoint").mkdir()
+        torch.save(ds_state, folder / name / "checkpoint" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"hook": _RunsCodeWhenUnpickled()}, folder / "ds_checkpoint_bomb" / "checkpoint" /
+               "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.0", "loops": {}, "optimizer_states": [],
+                "global_step": 3}, folder / "lightning.ckpt")
+    (folder / "empty_extensions").mkdir()
     (folder / "readonly").mkdir()
     (folder / "readonly").chmod(0o555)
 
@@ -168,6 +184,40 @@ def _cases() -> list[Case]:
              f["broken_config_model"]),
         Case("gguf_file_with_config", (TINY, "model.gguf_file=model.gguf"), "model.gguf_file='model.gguf'"),
         Case("tokenizer_missing", (TINY, "model.tokenizer=/nonexistent/tokenizer"), "/nonexistent/tokenizer"),
+        # strategies (issue 9)
+        Case("strategy_preset_unknown", (TINY, "strategy=nope"), "'nope'"),
+        Case("deepspeed_json_not_json", (TINY, "strategy=deepspeed_zero2", "trainer.strategy.config={inputs}/ds_not_json.json"),
+             "{inputs}/ds_not_json.json"),
+        Case("deepspeed_json_missing", (TINY, "strategy=deepspeed_zero3", "trainer.strategy.config=/nonexistent/ds.json"),
+             "/nonexistent/ds.json"),
+        Case("deepspeed_json_accumulation", (TINY, "strategy=deepspeed_zero2",
+                                             "trainer.strategy.config={inputs}/ds_accumulation.json"),
+             "gradient_accumulation_steps=4"),
+        Case("deepspeed_json_micro_batch", (TINY, "strategy=deepspeed_zero2",
+                                            "trainer.strategy.config={inputs}/ds_micro_batch.json"),
+             "train_micro_batch_size_per_gpu=16"),
+        Case("deepspeed_devices_too_many", (TINY, "strategy=deepspeed_zero3", f"trainer.devices={too_many}"),
+             str(too_many)),
+        Case("fsdp_devices_too_many", (TINY, "strategy=fsdp", "model.quantization=none", "callbacks=[]",
+                                       f"trainer.devices={too_many}"),
+             str(too_many)),
+        Case("fsdp_with_4bit_base", (TINY, "strategy=fsdp"), "trainer.strategy=fsdp cannot shard"),
+        Case("fsdp_with_slimtune_callbacks", (TINY, "strategy=fsdp", "model.quantization=none"),
+             "trainer.strategy=fsdp cannot run slimtune's callbacks"),
+        Case("zero3_offload_with_sgd", (TINY, "strategy=deepspeed_zero3_offload", "optimizer.name=sgd"),
+             "optimizer.name='sgd'"),
+        Case("zero3_offload_without_cpu_adam", (TINY, "strategy=deepspeed_zero3_offload"), "CPU Adam",
+             env=(("CXX", "/nonexistent/c++"), ("TORCH_EXTENSIONS_DIR", "{inputs}/empty_extensions"))),
+        Case("ckpt_deepspeed_under_ddp", (TINY, "strategy=ddp", "ckpt_path={inputs}/ds_checkpoint"),
+             "{inputs}/ds_checkpoint' is a DeepSpeed checkpoint (ZeRO stage 3) and trainer.strategy=ddp"),
+        Case("ckpt_zero3_under_zero2", (TINY, "strategy=deepspeed_zero2", "ckpt_path={inputs}/ds_checkpoint"),
+             "holds ZeRO stage 3 shards and trainer.strategy runs stage 2"),
+        Case("ckpt_deepspeed_other_process_count", (TINY, "strategy=deepspeed_zero3", "ckpt_path={inputs}/ds_checkpoint"),
+             "holds the ZeRO shards of 2 processes and this run starts 1"),
+        Case("ckpt_deepspeed_pickle_bomb", (TINY, "strategy=deepspeed_zero3", "ckpt_path={inputs}/ds_checkpoint_bomb"),
+             "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        Case("ckpt_file_under_deepspeed", (TINY, "strategy=deepspeed_zero2", "ckpt_path={inputs}/lightning.ckpt"),
+             "{inputs}/lightning.ckpt' is a single-file checkpoint"),
         # Hydra's composition, pre-checked by train.py
         Case("recipe_unknown", ("recipe=nope",), "'nope'"),
         Case("key_unknown", (TINY, "trainer.nope=1"), "trainer.nope"),
@@ -206,6 +256,7 @@ def _run_case(case: Case, inputs: Path, cwd: Path) -> Outcome:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.update({key: value.replace("{inputs}", str(inputs)) for key, value in case.env})
     started = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)

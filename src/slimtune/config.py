@@ -369,32 +369,119 @@ def check_cpu_processes(devices, processes: int) -> None:
                             f"CPUs; valid: 1 to {cpus}, or auto")
 
 
+CHECKPOINT_VALID = ("valid: a .ckpt file or a DeepSpeed checkpoint folder from a run's <output_dir>/checkpoints, "
+                    "'last', or null")
+# The only classes DeepSpeed pickles into its checkpoint files besides tensors and plain values (enums, a loss-scaler
+# record, a fragment address); anything else in a checkpoint folder is refused before DeepSpeed unpickles it unsafely.
+DEEPSPEED_CHECKPOINT_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def deepspeed_checkpoint_tag(folder: Path) -> Path | None:
+    """The tag folder of a DeepSpeed checkpoint (`<folder>/<tag>/`, named by `<folder>/latest`), or None when `folder`
+    is not one. Lightning's DeepSpeedStrategy writes `last.ckpt/` this way, with the tag `checkpoint`."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return None
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    tag_dir = folder / tag
+    if tag in ("", ".", "..") or "/" in tag or not tag_dir.is_dir() or not list(tag_dir.glob("*model_states.pt")):
+        return None
+    return tag_dir
+
+
 def checkpoint_file(ckpt_path, out: Path) -> str | None:
-    """The checkpoint file a run resumes from (`last`: <output_dir>/checkpoints/last.ckpt), which must exist; or None."""
+    """The checkpoint a run resumes from (`last`: <output_dir>/checkpoints/last.ckpt), which must exist: a file, or the
+    folder DeepSpeed writes; or None."""
     if ckpt_path in (None, ""):
         return None
     if not isinstance(ckpt_path, str):
-        raise SlimtuneError(f"ckpt_path={ckpt_path!r} is not valid; valid: a .ckpt file, 'last', or null")
+        raise SlimtuneError(f"ckpt_path={ckpt_path!r} is not valid; {CHECKPOINT_VALID}")
     if ckpt_path == "last":
         last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():
             raise SlimtuneError(f"ckpt_path=last but {str(last)!r} does not exist; run without ckpt_path first")
-        return str(last)
-    if not Path(ckpt_path).is_file():
-        what = "is a folder" if Path(ckpt_path).is_dir() else "does not exist"
-        raise SlimtuneError(f"ckpt_path {ckpt_path!r} {what}; valid: a .ckpt file, 'last', or null")
-    return ckpt_path
+        path, name = last, "ckpt_path=last"
+    else:
+        path, name = Path(ckpt_path), f"ckpt_path {ckpt_path!r}"
+        if not path.exists():
+            raise SlimtuneError(f"{name} does not exist; {CHECKPOINT_VALID}")
+    if path.is_dir() and deepspeed_checkpoint_tag(path) is None:
+        raise SlimtuneError(f"{name} is a folder but not a DeepSpeed checkpoint (no 'latest' file naming a folder of "
+                            f"*model_states.pt); {CHECKPOINT_VALID}")
+    return str(path)
+
+
+def _deepspeed_checkpoint(path: str) -> dict:
+    """The Lightning state DeepSpeed saved with the model states of rank 0 (loops, callbacks, global step, DeepSpeed's
+    config and world size), after checking that every file of the folder holds only tensors, plain values and the
+    few DeepSpeed classes above (DeepSpeed itself unpickles them unsafely)."""
+    import torch
+
+    tag_dir = deepspeed_checkpoint_tag(Path(path))
+    files = sorted(tag_dir.glob("*.pt"))
+    for file in files:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - DEEPSPEED_CHECKPOINT_GLOBALS
+        except Exception as err:  # noqa: BLE001 - not a zip file torch.save writes, or damaged
+            raise SlimtuneError(f"ckpt_path {path!r}: {file.name} is not a file torch.save writes; "
+                                f"{CHECKPOINT_VALID}") from err
+        if unsafe:
+            raise SlimtuneError(f"ckpt_path {path!r}: {file.name} holds more than tensors and plain values (e.g. "
+                                f"{sorted(unsafe)[0]}), so it could run code when DeepSpeed loads it; {CHECKPOINT_VALID}")
+    states = [f for f in files if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    if not states:
+        raise SlimtuneError(f"ckpt_path {path!r} holds no model states of rank 0; {CHECKPOINT_VALID}")
+    try:
+        return torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001
+        raise SlimtuneError(f"ckpt_path {path!r}: {states[0].name} does not load ({str(err).splitlines()[0]}); "
+                            f"{CHECKPOINT_VALID}") from err
+
+
+def deepspeed_checkpoint_info(path: str) -> dict[str, Any] | None:
+    """For a DeepSpeed checkpoint folder: {'stage': ZeRO stage, 'world_size': processes that wrote it, 'global_step'};
+    None for a checkpoint file."""
+    if not Path(path).is_dir():
+        return None
+    ckpt = _deepspeed_checkpoint(path)
+    stage = ((ckpt.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    return {"stage": int(stage), "world_size": int(ckpt.get("dp_world_size", 1)),
+            "global_step": int(ckpt.get("global_step", 0))}
+
+
+def checkpoint_global_step(path: str) -> int:
+    """The training step a checkpoint (file or DeepSpeed folder) was saved at."""
+    if Path(path).is_dir():
+        return int(_deepspeed_checkpoint(path).get("global_step", 0))
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
 
 
 def check_checkpoint(path: str) -> dict[str, tuple[int, ...]]:
-    """A resume checkpoint must be a Lightning checkpoint with optimizer and loop state. It is read with torch's
+    """A resume checkpoint must be a Lightning checkpoint with optimizer and loop state: a file, read with torch's
     weights_only loader (tensors and plain values only: a file from elsewhere cannot run code) and memory-mapped (no
-    weight is read); returns the shapes in its state_dict, to match against the model."""
+    weight is read), or a DeepSpeed checkpoint folder (every file checked the same way, see `_deepspeed_checkpoint`).
+    Returns the shapes of its trainable weights, to match against the model."""
     import zipfile
 
     import torch
 
-    valid = "valid: a .ckpt file from a run's <output_dir>/checkpoints, 'last', or null"
+    valid = CHECKPOINT_VALID
+    if Path(path).is_dir():
+        ckpt = _deepspeed_checkpoint(path)
+        if not (isinstance(ckpt.get("param_shapes"), list) and "pytorch-lightning_version" in ckpt and "loops" in ckpt):
+            raise SlimtuneError(f"ckpt_path {path!r} is a DeepSpeed checkpoint without Lightning's training state "
+                                f"(loops, pytorch-lightning_version); {valid}")
+        return {key: tuple(shape) for group in ckpt["param_shapes"] for key, shape in group.items()}
     if not zipfile.is_zipfile(path):
         raise SlimtuneError(f"ckpt_path {path!r} is not a checkpoint (not a file torch.save writes); {valid}")
     try:

@@ -187,6 +187,115 @@ def check_trainer(cfg: DictConfig) -> None:
             raise SlimtuneError(f"trainer settings ({settings}) cannot run on this machine: {_first_line(err)}") from err
     if isinstance(trainer.accelerator, CPUAccelerator):  # Lightning would start that many processes, however few CPUs
         check_cpu_processes(trainer_cfg.get("devices"), trainer.num_devices)
+    check_strategy(cfg, trainer)
+
+
+# DeepSpeed that ZeRO-3 over a bitsandbytes base was tested with: its all-gathers group parameters by dtype (4-bit
+# codes stay uint8, adapters float; DeepSpeed PRs #4647, #8073, #8128) and its mixed-precision cast leaves them uint8.
+ZERO3_QUANTIZED_MIN_DEEPSPEED = "0.19.8"
+
+
+def check_strategy(cfg: DictConfig, trainer) -> None:
+    """What Lightning's Trainer accepts but cannot run with this model, data or checkpoint, in one line each: a
+    strategy that cannot shard the quantized base, DeepSpeed settings Lightning sets itself, ZeRO-Offload without
+    its CPU Adam, a checkpoint another strategy (or another number of processes) wrote."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from slimtune.config import checkpoint_file, deepspeed_checkpoint_info
+    from slimtune.models.loading import quantization_of
+
+    strategy = trainer.strategy
+    name = _strategy_label(strategy)
+    quant = quantization_of(cfg.model)
+    if isinstance(strategy, FSDPStrategy) and quant != "none":
+        raise SlimtuneError(f"trainer.strategy={name} cannot shard a bitsandbytes {quant} base (FSDP flattens "
+                            f"parameters into float tensors; model.quantization={quant!r}); valid: "
+                            "strategy=deepspeed_zero2 or deepspeed_zero3 for QLoRA, or model.quantization=none")
+    if isinstance(strategy, FSDPStrategy):
+        # slimtune's callbacks read or run the model outside FSDP's root forward (perplexity fails at fit start,
+        # statistics would count shards); ZeRO-3 gathers on demand, so they run there.
+        measuring = [name for name, node in (cfg.get("callbacks") or {}).items()
+                     if isinstance(node, DictConfig) and str(node.get("_target_", "")).startswith("slimtune.")]
+        if measuring:
+            raise SlimtuneError(f"trainer.strategy=fsdp cannot run slimtune's callbacks yet (callbacks: "
+                                f"{', '.join(measuring)}); valid: callbacks=[] with fsdp, or strategy=deepspeed_zero3")
+    processes = trainer.num_devices * trainer.num_nodes
+    if isinstance(strategy, DeepSpeedStrategy):
+        _check_deepspeed(cfg, strategy, quant, processes)
+    ckpt = checkpoint_file(cfg.get("ckpt_path"), Path(cfg.output_dir))
+    if ckpt is None:
+        return
+    info = deepspeed_checkpoint_info(ckpt)
+    if info is None and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:
+        raise SlimtuneError(f"ckpt_path {ckpt!r} is a single-file checkpoint and trainer.strategy={name} resumes only "
+                            "from DeepSpeed checkpoint folders; valid: the strategy that wrote it (auto, ddp, fsdp), or "
+                            "a checkpoint a DeepSpeed run wrote")
+    if info is not None and not isinstance(strategy, DeepSpeedStrategy):
+        raise SlimtuneError(f"ckpt_path {ckpt!r} is a DeepSpeed checkpoint (ZeRO stage {info['stage']}) and "
+                            f"trainer.strategy={name}; valid: strategy=deepspeed_zero{info['stage']} (the strategy "
+                            "that wrote it)")
+    if info is not None:
+        stage = int((strategy.config.get("zero_optimization") or {}).get("stage", 0))
+        if stage != info["stage"]:
+            raise SlimtuneError(f"ckpt_path {ckpt!r} holds ZeRO stage {info['stage']} shards and trainer.strategy runs "
+                                f"stage {stage}; valid: the stage that wrote it (strategy=deepspeed_zero{info['stage']})")
+        if processes != info["world_size"]:
+            raise SlimtuneError(f"ckpt_path {ckpt!r} holds the ZeRO shards of {info['world_size']} processes and this "
+                                f"run starts {processes}; valid: trainer.devices x trainer.num_nodes = {info['world_size']}")
+
+
+def _strategy_label(strategy) -> str:
+    """The preset name a user would type for this strategy (the class name for others)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return f"deepspeed_zero{(strategy.config.get('zero_optimization') or {}).get('stage', 0)}"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
+    return "ddp" if type(strategy) is DDPStrategy else type(strategy).__name__
+
+
+def _check_deepspeed(cfg: DictConfig, strategy, quant: str, processes: int) -> None:
+    config = strategy.config
+    source = cfg.trainer.strategy.get("config") if isinstance(cfg.trainer.strategy, DictConfig) else None
+    where = f"the DeepSpeed config {source!r}" if isinstance(source, str) else "the DeepSpeed config"
+    if "gradient_accumulation_steps" in config:
+        raise SlimtuneError(f"{where} sets gradient_accumulation_steps={config['gradient_accumulation_steps']!r}, "
+                            "which Lightning sets from trainer.accumulate_grad_batches; valid: leave it out and set "
+                            "trainer.accumulate_grad_batches")
+    batch = int(cfg.data.get("batch_size", 4))
+    micro = config.get("train_micro_batch_size_per_gpu")
+    if micro is not None and micro != "auto" and micro != batch:
+        raise SlimtuneError(f"{where} sets train_micro_batch_size_per_gpu={micro!r} and data.batch_size={batch} (the "
+                            f"batch each process draws); valid: train_micro_batch_size_per_gpu={batch}, or leave it out")
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    total = config.get("train_batch_size")
+    if total is not None and total != "auto" and total != batch * accumulate * processes:
+        raise SlimtuneError(f"{where} sets train_batch_size={total!r}, and data.batch_size x "
+                            f"trainer.accumulate_grad_batches x processes = {batch} x {accumulate} x {processes} = "
+                            f"{batch * accumulate * processes}; valid: leave train_batch_size out")
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 3 and quant != "none":
+        import deepspeed
+        from packaging.version import Version
+
+        if Version(deepspeed.__version__) < Version(ZERO3_QUANTIZED_MIN_DEEPSPEED):
+            raise SlimtuneError(f"ZeRO-3 over a bitsandbytes {quant} base needs deepspeed>={ZERO3_QUANTIZED_MIN_DEEPSPEED}"
+                                f" (installed: {deepspeed.__version__}); valid: pip install -U deepspeed, or "
+                                "strategy=deepspeed_zero2")
+    from slimtune.lightning.strategies import cpu_adam_missing, offloads_optimizer
+
+    if offloads_optimizer(config) and "optimizer" not in config:
+        optimizer = str(OmegaConf.select(cfg, "optimizer.name") or "adamw")
+        if optimizer != "adamw":
+            raise SlimtuneError(f"ZeRO-Offload (offload_optimizer in {where}) steps with DeepSpeed's CPU Adam and cannot "
+                                f"run optimizer.name={optimizer!r}; valid: optimizer.name=adamw, or a strategy without "
+                                "offload (deepspeed_zero3)")
+        missing = cpu_adam_missing()
+        if missing:
+            raise SlimtuneError(f"ZeRO-Offload (offload_optimizer in {where}) needs DeepSpeed's CPU Adam: {missing}; "
+                                "valid: install ninja and a C++ compiler (or set CXX), DS_BUILD_CPU_ADAM=1 pip install "
+                                "deepspeed, or strategy=deepspeed_zero3 (no offload)")
 
 
 def _brief(value) -> str:
@@ -324,10 +433,9 @@ def _keep_logged_rows(logger, ckpt_file: Path) -> None:
     metrics_file = Path(logger.log_dir) / "metrics.csv"
     if not metrics_file.is_file():
         return
-    import torch
+    from slimtune.config import checkpoint_global_step
 
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    resumed_at = int(checkpoint.get("global_step", 0))
+    resumed_at = checkpoint_global_step(ckpt_file)
     with metrics_file.open(newline="") as handle:
         reader = csv.DictReader(handle)
         keys = list(reader.fieldnames or [])
@@ -347,10 +455,9 @@ def _number(text: str) -> int | float:
 
 def finish(job: Job) -> dict[str, Any]:
     """Export the adapter, each callback's artefacts and the merged model; write and log the report."""
-    from slimtune.models import save_adapter, save_merged
-    from slimtune.models.loading import dtype_of, quantization_of
+    from slimtune.models.loading import quantization_of
 
-    cfg, trainer, module, out = job.cfg, job.trainer, job.module, Path(job.cfg.output_dir)
+    cfg, trainer, module = job.cfg, job.trainer, job.module
     report: dict[str, Any] = {
         "name": cfg.get("name"),
         "model": str(cfg.model.get("name_or_path") or "config"),
@@ -362,15 +469,25 @@ def finish(job: Job) -> dict[str, Any]:
         "train_tokens": module.tokens_seen,
         "train_tokens_per_s": module.tokens_seen / module.train_seconds if module.train_seconds else None,
     }
-    callbacks = seam_callbacks(job.callbacks)
-    for cb in callbacks:
+    for cb in seam_callbacks(job.callbacks):
         report.update(cb.report())
-    if not trainer.is_global_zero:
-        return report
+    from slimtune.lightning.strategies import full_weights
+
+    with full_weights(trainer, job.model):  # ZeRO-3, FSDP: every process gathers the weights, rank 0 writes
+        if not trainer.is_global_zero:
+            return report
+        return _write_exports(job, report)
+
+
+def _write_exports(job: Job, report: dict[str, Any]) -> dict[str, Any]:
+    from slimtune.models import save_adapter, save_merged
+    from slimtune.models.loading import dtype_of
+
+    cfg, trainer, out = job.cfg, job.trainer, Path(job.cfg.output_dir)
     export = cfg.get("export") or {}
     if export.get("adapter", True) and report["finetune"] == "lora":
         report["adapter_dir"] = str(save_adapter(job.model, out / "adapter", job.tokenizer))
-    for cb in callbacks:  # e.g. quantized/ and compressed_tensors/ of PostTrainingQuantization
+    for cb in seam_callbacks(job.callbacks):  # e.g. quantized/ and compressed_tensors/ of PostTrainingQuantization
         report.update(cb.export(job.model, out, job.tokenizer, cfg))
     if export.get("merged", True):
         report["merged_dir"] = str(save_merged(job.model, out / "merged", job.tokenizer, dtype=dtype_of(cfg.model)))

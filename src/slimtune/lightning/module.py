@@ -130,7 +130,8 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.trainable_only:
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            # FSDP-wrapped layers add wrapper names that FSDP's state dict leaves out: match the names it writes.
+            trainable = {f"model.{_unwrapped_name(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["slimtune"] = {
             "rng": {"torch": torch.get_rng_state(),
@@ -145,3 +146,7 @@ class CausalLMModule(L.LightningModule):
         self._rng_to_restore = state.get("rng")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,16 @@ def _swap_linear_for_bnb(model: nn.Module, quant: str, double_quant: bool, compu
     return model
 
 
+def _local_cuda_device() -> int:
+    """The GPU of this process: its local rank under several processes per machine (LOCAL_RANK from Lightning's
+    launcher or torchrun, SLURM_LOCALID under srun), since they load their models before Lightning selects each one's
+    device; else the current one."""
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if local_rank is not None and local_rank.isdigit() and int(local_rank) < torch.cuda.device_count():
+        return int(local_rank)
+    return torch.cuda.current_device()
+
+
 def load_base_model(model_cfg, device: str | torch.device | None = None):
     """The (optionally quantized) base model, frozen or not as the fine-tune asks. No adapters yet."""
     from transformers import AutoModelForCausalLM
@@ -274,7 +285,7 @@ def load_base_model(model_cfg, device: str | torch.device | None = None):
         elif quant != "none":
             kwargs["quantization_config"] = bnb_config(model_cfg)
             if torch.cuda.is_available():
-                kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
+                kwargs["device_map"] = {"": device if device is not None else _local_cuda_device()}
         try:
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         except OSError as err:
@@ -397,4 +408,9 @@ def logical_numel(p: torch.Tensor) -> int:
     quant_state = getattr(p, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
-    return p.numel()
+    return stored_numel(p)
+
+
+def stored_numel(p: torch.Tensor) -> int:
+    """Elements a tensor stores, also when DeepSpeed ZeRO-3 has partitioned it (then `ds_numel` is its whole size)."""
+    return int(getattr(p, "ds_numel", p.numel()))

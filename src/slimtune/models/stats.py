@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtune.models.loading import logical_numel
+from slimtune.models.loading import logical_numel, stored_numel
 
 _QUANT_STATE_TENSORS = ("absmax", "code", "offset")
 
@@ -23,7 +23,7 @@ def _quant_state_bits(quant_state) -> int:
 
 def tensor_storage_bits(tensor) -> int:
     """Bits a parameter occupies as stored, including bitsandbytes' quantization statistics."""
-    bits = tensor.numel() * tensor.element_size() * 8
+    bits = stored_numel(tensor) * tensor.element_size() * 8
     quant_state = getattr(tensor, "quant_state", None)
     if quant_state is not None:
         bits += _quant_state_bits(quant_state)
