@@ -21,6 +21,7 @@ The ddp case runs by default; the others (about a minute each on 2 busy cores) r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,6 +121,8 @@ def check_like_single(out: Path, single: Reference, result: subprocess.Completed
     assert final_loss < single.initial_loss - 0.05, (single.initial_loss, final_loss)  # the loss falls
     assert result.stdout.count("slimtune report") == 1, "rank 0 alone reports and exports"
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "logs", "merged", "report.json"]
+    tokens = json.loads((out / "report.json").read_text())["train_tokens"]
+    assert tokens == json.loads((single.out / "report.json").read_text())["train_tokens"]  # both processes' tokens
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -188,6 +188,7 @@ def check_trainer(cfg: DictConfig) -> None:
     if isinstance(trainer.accelerator, CPUAccelerator):  # Lightning would start that many processes, however few CPUs
         check_cpu_processes(trainer_cfg.get("devices"), trainer.num_devices)
     check_strategy(cfg, trainer)
+    return trainer
 
 
 # DeepSpeed that ZeRO-3 over a bitsandbytes base was tested with: its all-gathers group parameters by dtype (4-bit
@@ -211,14 +212,6 @@ def check_strategy(cfg: DictConfig, trainer) -> None:
         raise SlimtuneError(f"trainer.strategy={name} cannot shard a bitsandbytes {quant} base (FSDP flattens "
                             f"parameters into float tensors; model.quantization={quant!r}); valid: "
                             "strategy=deepspeed_zero2 or deepspeed_zero3 for QLoRA, or model.quantization=none")
-    if isinstance(strategy, FSDPStrategy):
-        # slimtune's callbacks read or run the model outside FSDP's root forward (perplexity fails at fit start,
-        # statistics would count shards); ZeRO-3 gathers on demand, so they run there.
-        measuring = [name for name, node in (cfg.get("callbacks") or {}).items()
-                     if isinstance(node, DictConfig) and str(node.get("_target_", "")).startswith("slimtune.")]
-        if measuring:
-            raise SlimtuneError(f"trainer.strategy=fsdp cannot run slimtune's callbacks yet (callbacks: "
-                                f"{', '.join(measuring)}); valid: callbacks=[] with fsdp, or strategy=deepspeed_zero3")
     processes = trainer.num_devices * trainer.num_nodes
     if isinstance(strategy, DeepSpeedStrategy):
         _check_deepspeed(cfg, strategy, quant, processes)
@@ -376,7 +369,7 @@ def prepare(cfg: DictConfig) -> Job:
     out = Path(cfg.output_dir)
     ckpt_file = checkpoint_file(cfg.get("ckpt_path"), out)
     ckpt_shapes = check_checkpoint(ckpt_file) if ckpt_file else None  # checked by check_config; here for the shapes
-    check_trainer(cfg)
+    strategy = check_trainer(cfg).strategy
     for key, valid in (("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULERS)):
         name = OmegaConf.select(cfg, key)
         if name is not None and name not in valid:
@@ -386,6 +379,7 @@ def prepare(cfg: DictConfig) -> Job:
     check_exports(cfg, callbacks)
     for cb in seam_callbacks(callbacks):
         cb.check_run(cfg)
+        cb.check_strategy(strategy)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tokenizer = load_tokenizer(cfg.model)
     data = tokenize(load_raw(cfg.data), tokenizer, cfg.data)
@@ -466,9 +460,11 @@ def finish(job: Job) -> dict[str, Any]:
         "steps": trainer.global_step,
         "train_loss": _metric(trainer, "train/loss"),
         "val_loss": _metric(trainer, "val/loss"),
-        "train_tokens": module.tokens_seen,
-        "train_tokens_per_s": module.tokens_seen / module.train_seconds if module.train_seconds else None,
+        "train_tokens": _all_processes_sum(trainer, module.tokens_seen),
+        "train_tokens_per_s": None,
     }
+    if module.train_seconds:  # every process trains for the same wall time: all tokens over one process's seconds
+        report["train_tokens_per_s"] = report["train_tokens"] / module.train_seconds
     for cb in seam_callbacks(job.callbacks):
         report.update(cb.report())
     from slimtune.lightning.strategies import full_weights
@@ -477,6 +473,15 @@ def finish(job: Job) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return report
         return _write_exports(job, report)
+
+
+def _all_processes_sum(trainer, value: int) -> int:
+    if trainer.world_size == 1:
+        return int(value)
+    import torch
+
+    return int(trainer.strategy.reduce(torch.tensor(float(value), device=trainer.strategy.root_device),
+                                       reduce_op="sum"))
 
 
 def _write_exports(job: Job, report: dict[str, Any]) -> dict[str, Any]:

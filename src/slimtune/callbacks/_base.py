@@ -302,6 +302,19 @@ class SlimtuneCallback(*_callback_bases()):
     def check_model(self, model: nn.Module, cfg) -> None:
         """Check the built model before training (e.g. a format limit the export would otherwise hit at the end)."""
 
+    def check_strategy(self, strategy) -> None:
+        """Refuse, in one line, a Lightning strategy this callback cannot work under. The run calls it with the
+        strategy its config builds, before anything is written; `setup` calls it in any Trainer.
+
+        The default refuses FSDP: slimtune's callbacks read and run the model outside FSDP's root forward (perplexity
+        would fail at fit start, statistics would count shards); DeepSpeed ZeRO-3 gathers on demand, so they run there.
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(strategy, FSDPStrategy):
+            raise SlimtuneError(f"{type(self).__name__} cannot run under FSDP yet; valid: strategy=deepspeed_zero3 or "
+                                "ddp with slimtune's callbacks, or FSDP without them")
+
     def report(self) -> dict[str, Any]:
         """Fields merged into the run's report (prefix keys with this callback's own `name` where several instances
         may be in one run)."""
@@ -315,6 +328,7 @@ class SlimtuneCallback(*_callback_bases()):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._found = None  # each fit looks again: the LightningModule may be another one, or hold another model
+        self.check_strategy(trainer.strategy)
 
     def model_for(self, pl_module) -> nn.Module:
         """The model this callback works on in `pl_module`, found once per fit (by whichever hook asks first)."""

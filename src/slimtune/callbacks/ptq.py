@@ -272,6 +272,17 @@ class PostTrainingQuantization(SlimtuneCallback):
 
             require_library()
 
+    def check_strategy(self, strategy) -> None:
+        """Not under DeepSpeed: ZeRO-3 partitions the weights this callback reads, and under ZeRO-2 the LoRC factors
+        written at fit start would be replaced by DeepSpeed's fp32 master copy at the first step."""
+        super().check_strategy(strategy)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise SlimtuneError("PostTrainingQuantization cannot run under DeepSpeed (ZeRO partitions the weights it "
+                                "quantizes and keeps its own copy of the LoRA it initialises); valid: strategy=ddp or "
+                                "a single process for the PTQ run, then resume or fine-tune its export under DeepSpeed")
+
     def check_model(self, model: nn.Module, cfg) -> None:
         """The targets exist; with export.compressed_tensors, the group size divides every target's width."""
         targets = self._targets(model)
