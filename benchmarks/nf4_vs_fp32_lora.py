@@ -117,7 +117,9 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--out", default=str(C.RESULTS / "nf4_vs_fp32_lora.json"))
     p.add_argument("--variants", default="fp32,nf4,gptq_nf4",
-                   help="comma-separated; variants not run keep their result from --out (same settings)")
+                   help="comma-separated; variants not run keep their result from --out (same settings); '' runs none")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="add the runs of other result files with the same settings (variants run in parallel)")
     args = p.parse_args()
     C.use_data_dir(args.data_dir)
     if args.child:
@@ -135,7 +137,12 @@ def main() -> None:
     stored = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     # variants not run now keep their stored result only if it was measured with the same settings
     runs = dict(stored.get("runs", {})) if stored.get("settings") == settings else {}
-    for variant in args.variants.split(","):
+    for other in args.merge:
+        merged = json.loads(Path(other).read_text())
+        if merged.get("settings") != settings:
+            raise SystemExit(f"--merge {other}: measured with other settings ({merged.get('settings')})")
+        runs.update(merged.get("runs", {}))
+    for variant in [v for v in args.variants.split(",") if v]:
         cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--block-size",
                str(args.block_size), "--batch-size", str(args.batch_size), "--val-batches", str(args.val_batches),
                "--val-every", str(args.val_every), "--seed", str(args.seed), "--data", args.data,
@@ -149,8 +156,11 @@ def main() -> None:
         runs[variant] = result
         print(f"{variant:13s} val loss {result['val_loss']:.4f} (before training {result['val_loss_before']:.4f})  "
               f"{result['seconds']:.0f}s", flush=True)
-    if "fp32" not in runs:
-        raise SystemExit(f"no fp32 run with these settings in {args.out}; add fp32 to --variants")
+    if "fp32" not in runs:  # a part run in parallel: keep its runs for --merge
+        path = C.write_json(Path(args.out), {"benchmark": "nf4_vs_fp32_lora", "settings": settings, "runs": runs,
+                                             "env": C.environment()})
+        print(f"no fp32 run with these settings yet: wrote the runs alone to {path} (combine with --merge)")
+        return
     fp32 = runs["fp32"]
     fp32_curve = {str(k): v for k, v in fp32.get("val_loss_by_step", {}).items()}
     comparisons = {}
