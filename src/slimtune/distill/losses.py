@@ -161,7 +161,8 @@ def kd_positions(labels: Tensor | None = None, attention_mask: Tensor | None = N
 
 
 def _rows(source: Tensor, flat_index: Tensor) -> Tensor:
-    return source.reshape(-1, source.shape[-1])[flat_index]
+    """The rows of the flattened positions `flat_index`, on the device of `source` (a teacher may sit on another)."""
+    return source.reshape(-1, source.shape[-1])[flat_index.to(source.device)]
 
 
 def _student_logits(student: Source, flat_index: Tensor) -> Tensor:
@@ -176,8 +177,8 @@ def _chunk_loss(student: Source, teacher: Source, flat_index: Tensor, spec: KDSp
     s_logits = _student_logits(student, flat_index).float()
     temperature = spec.temperature
     if isinstance(teacher, TopKLogprobs):
-        ids = _rows(teacher.ids, flat_index).long()
-        cached = _rows(teacher.logprobs, flat_index).float()
+        ids = _rows(teacher.ids, flat_index).long().to(s_logits.device)
+        cached = _rows(teacher.logprobs, flat_index).float().to(s_logits.device)
         if spec.top_k is not None:  # stored in descending order: the first top_k are the top_k
             ids, cached = ids[:, :spec.top_k], cached[:, :spec.top_k]
         t_lp = F.log_softmax(cached / temperature, dim=-1)
@@ -185,7 +186,7 @@ def _chunk_loss(student: Source, teacher: Source, flat_index: Tensor, spec: KDSp
     else:
         with torch.no_grad():
             t_logits = (teacher.head(_rows(teacher.hidden, flat_index)) if isinstance(teacher, HeadInput)
-                        else _rows(teacher, flat_index)).float()
+                        else _rows(teacher, flat_index)).float().to(s_logits.device)
         if vocab_size is not None:
             s_logits, t_logits = s_logits[:, :vocab_size], t_logits[:, :vocab_size]
         if spec.top_k is not None:

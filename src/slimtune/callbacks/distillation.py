@@ -1,0 +1,285 @@
+"""Knowledge distillation in any Lightning trainer: a frozen teacher's distribution added to the student's loss.
+
+`Distillation` adds, through the loss-term seam (`slimtune.lightning.loss_terms`), the term
+`kd_weight * KD(teacher || student)` (logged as `train/loss_kd`) to the training step's own loss, in slimtune's
+`CausalLMModule` and in a user's own LightningModule alike; with `ce_weight` != 1 it also adds
+`(ce_weight - 1) * CE` (`train/loss_ce_rescale`), so the total is `ce_weight * CE + kd_weight * KD` (e.g.
+`ce_weight=0.5, kd_weight=0.5` is the usual interpolation; `ce_weight=0` distils alone). With `hidden_layers`, MSE or
+cosine between chosen layer pairs is added as `hidden_weight * H` (`train/loss_hidden`), through learned projections
+where the widths differ: during the fit the student holds them (as `distill_projections`), so its optimizer trains them
+and its checkpoint saves and resumes them; they are taken out of it when the fit ends.
+
+The student's logits are those of the step's own forward (`capture_outputs`: the student runs once); its inputs
+(input_ids, attention_mask, labels) are read from that same call, so a user's module may take any batch format as
+long as it calls the model with `input_ids`. Positions follow the labels as the data layer masks them (-100: padding
+and prompt tokens), shifted as the model shifts them (`slimtune.distill.losses`).
+
+The teacher (`slimtune.distill.teacher`): an `nn.Module`, or anything the model layer loads (hub id, folder, .gguf,
+`pkg:` path, or a model config mapping), optionally 4-bit / 8-bit (`teacher_quantization`: nf4, fp4, int8 through
+bitsandbytes), on the student's device or `teacher_device`. It is frozen and in eval mode, kept by this callback and
+not by the LightningModule: it is never in the optimizer and never in a checkpoint. Its logits are computed chunk by
+chunk from its last hidden states. Teacher and student must share a tokenizer family; vocabularies padded to different
+sizes are compared on the shared tokens, different tokenizers are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.callbacks._base import (
+    SlimtuneCallback,
+    check_int,
+    check_model_arg,
+    check_number,
+    check_tokenizer_arg,
+    is_sequence,
+    resolve_tokenizer,
+    show,
+)
+from slimtune.distill.hidden import HIDDEN_LOSSES, HiddenStateLoss
+from slimtune.distill.losses import KDSpec, check_spec, kd_loss
+from slimtune.distill.teacher import TeacherRunner, aligned_vocab_size, freeze, load_teacher, model_vocab_size, teacher_config
+from slimtune.errors import SlimtuneError, choices
+from slimtune.lightning.loss_terms import attach_loss_terms, capture_outputs, detach_loss_terms
+
+TEACHER_QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+PROJECTIONS = "distill_projections"  # where the student holds the hidden-state projections during a fit
+
+
+class _StudentInputs:
+    """What the student was last called with (input_ids, attention_mask, labels): a forward pre-hook."""
+
+    def __init__(self, module: nn.Module):
+        self.inputs: dict[str, Any] = {}
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.inputs = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"), "labels": kwargs.get("labels")}
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.inputs = {}
+
+
+class Distillation(SlimtuneCallback):
+    """Adds knowledge-distillation terms from a frozen teacher to the training loss (see the module docstring).
+
+    Args:
+        teacher: an nn.Module, a hub id / folder / .gguf / `pkg:` path, or a model config mapping.
+        loss: fkl, rkl, jsd, tvd, skl, srkl (`slimtune.distill.losses`). temperature: > 0 (the loss is multiplied by
+            T^2). beta: JSD's mixture weight in [0, 1]. alpha: skew KL's in [0, 1]. top_k: compare only the teacher's
+            k most likely tokens (null: the whole vocabulary).
+        kd_weight: the KD term's weight (>= 0). ce_weight: the step's own loss's weight (>= 0; 1 leaves it as is).
+        chunk_size: positions per chunk of the vocabulary-sized computation.
+        teacher_quantization: none, nf4, fp4, int8 (a loaded teacher; null: as its config says). teacher_dtype:
+            float32, bfloat16, float16 (null: as its config says). teacher_device: null (the student's) or a device.
+        teacher_tokenizer / tokenizer: to check the vocabularies (defaults: the teacher's own when loaded, the
+            LightningModule's `tokenizer`).
+        hidden_layers: null, or [[student_layer, teacher_layer], ...] indices of `output_hidden_states` (0: embeddings).
+        hidden_loss: mse or cosine. hidden_weight: > 0 with hidden_layers.
+        model: the student (null: `pl_module.model` or its only transformers / PEFT model).
+    """
+
+    name = "distillation"
+    run_order = 20  # after methods that change the student at fit start (PTQ: 10), before measuring callbacks
+
+    def __init__(self, teacher: Any = None, loss: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
+                 alpha: float = 0.1, top_k: int | None = None, kd_weight: float = 1.0, ce_weight: float = 1.0,
+                 chunk_size: int = 1024, teacher_quantization: str | None = None, teacher_dtype: str | None = None,
+                 teacher_device: str | None = None, teacher_tokenizer: Any = None, tokenizer: Any = None,
+                 hidden_layers: Any = None, hidden_loss: str = "mse", hidden_weight: float = 1.0, model: Any = None):
+        owner = "Distillation"
+        check_spec(loss, temperature, beta, alpha, top_k, owner=owner)
+        self.spec = KDSpec(loss, float(temperature), float(beta), float(alpha), top_k)
+        self.kd_weight = check_number(kd_weight, "kd_weight", owner, 0.0, low_open=False)
+        self.ce_weight = check_number(ce_weight, "ce_weight", owner, 0.0, low_open=False)
+        self.chunk_size = check_int(chunk_size, "chunk_size", owner, 1)
+        if teacher is None:
+            raise SlimtuneError("Distillation teacher=None is not valid; valid: an nn.Module, a hub id, a model folder, "
+                                "a .gguf file, or a model config mapping")
+        if teacher_quantization is not None and teacher_quantization not in TEACHER_QUANTIZATIONS:
+            raise SlimtuneError(f"Distillation teacher_quantization={show(teacher_quantization)} is not valid; valid: "
+                                f"{choices(TEACHER_QUANTIZATIONS)}, or null")
+        if isinstance(teacher, nn.Module):
+            if teacher_quantization not in (None, "none") or teacher_dtype is not None:
+                raise SlimtuneError("Distillation teacher_quantization / teacher_dtype apply to a teacher it loads; "
+                                    "valid: null with an nn.Module teacher (quantize it before passing it)")
+            self._teacher_cfg = None
+            self._teacher: nn.Module | None = freeze(teacher)
+        else:
+            self._teacher_cfg = teacher_config(teacher, teacher_quantization, teacher_dtype)
+            from slimtune.models.loading import check_source, dtype_of, quantization_of
+
+            quantization_of(self._teacher_cfg)
+            dtype_of(self._teacher_cfg)
+            try:
+                check_source(self._teacher_cfg)
+            except SlimtuneError as err:
+                raise SlimtuneError(f"Distillation teacher: {err}") from None
+            self._teacher = None
+        self.teacher_device = teacher_device
+        self.teacher_tokenizer = check_tokenizer_arg(teacher_tokenizer, owner)
+        self.tokenizer = check_tokenizer_arg(tokenizer, owner)
+        if hidden_layers is not None and (not is_sequence(hidden_layers) or not hidden_layers):
+            raise SlimtuneError(f"Distillation hidden_layers={show(hidden_layers)} is not valid; valid: null, or a "
+                                "list of [student_layer, teacher_layer] pairs")
+        self.hidden_layers = [list(p) if is_sequence(p) else p for p in hidden_layers] if hidden_layers else None
+        if hidden_loss not in HIDDEN_LOSSES:
+            raise SlimtuneError(f"Distillation hidden_loss={show(hidden_loss)} is not valid; valid: {choices(HIDDEN_LOSSES)}")
+        self.hidden_loss = hidden_loss
+        self.hidden_weight = check_number(hidden_weight, "hidden_weight", owner, 0.0)
+        self.model = check_model_arg(model, owner)
+        self.hidden: HiddenStateLoss | None = None
+        self._runner: TeacherRunner | None = None
+        self._vocab_size: int | None = None
+        self._teacher_tokenizer_loaded = None
+        self.last_terms: dict[str, float] = {}
+        self._hooks: list = []
+        self._hidden_switched = False
+
+    # ------------------------------------------------------------------ teacher
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher
+
+    def describe_teacher(self) -> str:
+        if self._teacher_cfg is None:
+            return f"<{type(self._teacher).__name__}>"
+        cfg = self._teacher_cfg
+        return str(cfg["name_or_path"]) if cfg.get("name_or_path") else f"config:{cfg['config'].get('model_type')}"
+
+    def _load_teacher(self, device) -> None:
+        if self._teacher is None:
+            self._teacher, self._teacher_tokenizer_loaded = load_teacher(self._teacher_cfg, device)
+        quantized = any(getattr(p, "quant_state", None) is not None or p.dtype in (torch.int8, torch.uint8)
+                        for p in self._teacher.parameters())
+        if device is not None and not quantized:
+            self._teacher.to(device)
+        self._runner = TeacherRunner(self._teacher)
+
+    # ------------------------------------------------------------------ seam
+
+    def check_run(self, cfg) -> None:
+        if self.hidden_layers and str((cfg.get("trainer") or {}).get("strategy", "auto")).find("deepspeed") >= 0:
+            raise SlimtuneError("Distillation hidden_layers adds projection parameters to the optimizer, which "
+                                "DeepSpeed builds itself; valid: hidden_layers=null under DeepSpeed")
+
+    def report(self) -> dict[str, Any]:
+        report = {"distill_teacher": self.describe_teacher(), "distill_loss": self.spec.loss,
+                  "distill_temperature": self.spec.temperature}
+        report.update({f"distill_last_{k}": v for k, v in self.last_terms.items()})
+        return report
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        device = self.teacher_device if self.teacher_device is not None else trainer.strategy.root_device
+        self._load_teacher(torch.device(device))
+        student = self.model_for(pl_module)
+        student_tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "Distillation", required=False)
+        teacher_tokenizer = self.teacher_tokenizer if self.teacher_tokenizer is not None else self._teacher_tokenizer_loaded
+        if isinstance(teacher_tokenizer, (str, os.PathLike)):
+            teacher_tokenizer = resolve_tokenizer(pl_module, teacher_tokenizer, "Distillation teacher_tokenizer")
+        self._vocab_size = aligned_vocab_size(model_vocab_size(student), model_vocab_size(self._teacher),
+                                              student_tokenizer, teacher_tokenizer)
+        if self.hidden_layers is not None:
+            s_cfg, t_cfg = _text_config(student), _text_config(self._teacher)
+            self.hidden = HiddenStateLoss(self.hidden_layers, s_cfg.hidden_size, t_cfg.hidden_size,
+                                          s_cfg.num_hidden_layers + 1, t_cfg.num_hidden_layers + 1, self.hidden_loss)
+            if self.hidden.projections is not None:
+                # held by the student for the fit: trained by its optimizer, saved and resumed with its checkpoint
+                if hasattr(student, PROJECTIONS):
+                    self.hidden = getattr(student, PROJECTIONS)
+                else:
+                    student.add_module(PROJECTIONS, self.hidden)
+        attach_loss_terms(pl_module, self)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        student = self.model_for(pl_module)
+        self._remove_hooks()
+        self._outputs = capture_outputs(student)
+        self._inputs = _StudentInputs(student)
+        self._hooks = [self._outputs, self._inputs]
+        if self.hidden is not None:
+            config = _text_config(student)
+            self._hidden_switched = not getattr(config, "output_hidden_states", False)
+            config.output_hidden_states = True
+            held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in held for p in self.hidden.parameters()):
+                raise SlimtuneError(f"Distillation hidden_layers: the projections (the student's {PROJECTIONS}) are not "
+                                    "in the optimizer; valid: build the optimizer from the model's parameters, or "
+                                    "hidden_layers=null")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        detach_loss_terms(pl_module, self)
+        student = self.model_for(pl_module)
+        if self._hidden_switched:
+            _text_config(student).output_hidden_states = False
+            self._hidden_switched = False
+        if PROJECTIONS in student._modules:  # the exported model is the student alone
+            del student._modules[PROJECTIONS]
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ the terms
+
+    def loss_terms(self, pl_module, batch, batch_idx) -> dict[str, torch.Tensor]:
+        output = self._outputs.last
+        inputs = self._inputs.inputs
+        input_ids = inputs.get("input_ids")
+        if input_ids is None and isinstance(batch, Mapping):
+            input_ids = batch.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            raise SlimtuneError("Distillation needs the student to be called with input_ids (a tensor) in "
+                                "training_step; valid: model(input_ids=..., attention_mask=..., labels=...)")
+        attention_mask = inputs.get("attention_mask")
+        labels = inputs.get("labels")
+        if labels is None and isinstance(batch, Mapping):
+            labels = batch.get("labels")
+        teacher, teacher_states = self._runner.run(input_ids, attention_mask, hidden_states=self.hidden is not None)
+        kd = kd_loss(output.logits, teacher, labels, attention_mask, spec=self.spec, chunk_size=self.chunk_size,
+                     vocab_size=self._vocab_size)
+        terms = {"kd": self.kd_weight * kd}
+        if self.ce_weight != 1.0:
+            ce = getattr(output, "loss", None)
+            if ce is None:
+                raise SlimtuneError(f"Distillation ce_weight={self.ce_weight:g} needs the student's own loss, and it was "
+                                    "called without labels; valid: ce_weight=1, or call the model with labels=")
+            terms["ce_rescale"] = (self.ce_weight - 1.0) * ce
+        if self.hidden is not None:
+            student_states = getattr(output, "hidden_states", None)
+            if student_states is None:
+                raise SlimtuneError("Distillation hidden_layers: the student returned no hidden states; valid: a "
+                                    "transformers model (its config.output_hidden_states is switched on for the fit)")
+            mask = attention_mask if attention_mask is not None else None
+            terms["hidden"] = self.hidden_weight * self.hidden(student_states, teacher_states, mask)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return terms
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        # the projections of hidden_layers are in the student's own state (its checkpoint); the teacher in none
+        return {"loss": self.spec.loss, "temperature": self.spec.temperature}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
