@@ -6,8 +6,8 @@
 `(ce_weight - 1) * CE` (`train/loss_ce_rescale`), so the total is `ce_weight * CE + kd_weight * KD` (e.g.
 `ce_weight=0.5, kd_weight=0.5` is the usual interpolation; `ce_weight=0` distils alone). With `hidden_layers`, MSE or
 cosine between chosen layer pairs is added as `hidden_weight * H` (`train/loss_hidden`), through learned projections
-where the widths differ: during the fit the student holds them (as `distill_projections`), so its optimizer trains them
-and its checkpoint saves and resumes them; they are taken out of it when the fit ends.
+where the widths differ: they are added to the optimizer as a parameter group with the first group's settings (its
+learning-rate schedule extended to them) and saved in this callback's checkpoint state, not in the model.
 
 The student's logits are those of the step's own forward (`capture_outputs`: the student runs once); its inputs
 (input_ids, attention_mask, labels) are read from that same call, so a user's module may take any batch format as
@@ -48,19 +48,24 @@ from slimtune.errors import SlimtuneError, choices
 from slimtune.lightning.loss_terms import attach_loss_terms, capture_outputs, detach_loss_terms
 
 TEACHER_QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-PROJECTIONS = "distill_projections"  # where the student holds the hidden-state projections during a fit
 
 
 class _StudentInputs:
-    """What the student was last called with (input_ids, attention_mask, labels): a forward pre-hook."""
+    """What the student was last called with (input_ids, attention_mask, labels): a forward pre-hook, which also asks
+    the student's training forwards for their hidden states when hidden-state distillation needs them (an argument
+    of the call: PEFT's causal-LM wrapper passes output_hidden_states=None on, overriding the config's switch)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, hidden_states: bool = False):
         self.inputs: dict[str, Any] = {}
+        self.hidden_states = hidden_states
         self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.inputs = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"), "labels": kwargs.get("labels")}
+        if self.hidden_states and module.training and torch.is_grad_enabled() and not kwargs.get("output_hidden_states"):
+            return args, {**kwargs, "output_hidden_states": True}
+        return None
 
     def remove(self) -> None:
         self._handle.remove()
@@ -136,12 +141,12 @@ class Distillation(SlimtuneCallback):
         self.hidden_weight = check_number(hidden_weight, "hidden_weight", owner, 0.0)
         self.model = check_model_arg(model, owner)
         self.hidden: HiddenStateLoss | None = None
+        self._pending_hidden_state: dict | None = None
         self._runner: TeacherRunner | None = None
         self._vocab_size: int | None = None
         self._teacher_tokenizer_loaded = None
         self.last_terms: dict[str, float] = {}
         self._hooks: list = []
-        self._hidden_switched = False
 
     # ------------------------------------------------------------------ teacher
 
@@ -166,10 +171,13 @@ class Distillation(SlimtuneCallback):
 
     # ------------------------------------------------------------------ seam
 
-    def check_run(self, cfg) -> None:
-        if self.hidden_layers and str((cfg.get("trainer") or {}).get("strategy", "auto")).find("deepspeed") >= 0:
+    def check_strategy(self, strategy) -> None:
+        super().check_strategy(strategy)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self.hidden_layers and isinstance(strategy, DeepSpeedStrategy):
             raise SlimtuneError("Distillation hidden_layers adds projection parameters to the optimizer, which "
-                                "DeepSpeed builds itself; valid: hidden_layers=null under DeepSpeed")
+                                "DeepSpeed wraps and partitions itself; valid: hidden_layers=null under DeepSpeed")
 
     def report(self) -> dict[str, Any]:
         report = {"distill_teacher": self.describe_teacher(), "distill_loss": self.spec.loss,
@@ -196,38 +204,24 @@ class Distillation(SlimtuneCallback):
             s_cfg, t_cfg = _text_config(student), _text_config(self._teacher)
             self.hidden = HiddenStateLoss(self.hidden_layers, s_cfg.hidden_size, t_cfg.hidden_size,
                                           s_cfg.num_hidden_layers + 1, t_cfg.num_hidden_layers + 1, self.hidden_loss)
-            if self.hidden.projections is not None:
-                # held by the student for the fit: trained by its optimizer, saved and resumed with its checkpoint
-                if hasattr(student, PROJECTIONS):
-                    self.hidden = getattr(student, PROJECTIONS)
-                else:
-                    student.add_module(PROJECTIONS, self.hidden)
+            if self._pending_hidden_state is not None:  # resume: the projections as the checkpoint saved them
+                self.hidden.load_state_dict(self._pending_hidden_state)
+                self._pending_hidden_state = None
         attach_loss_terms(pl_module, self)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         student = self.model_for(pl_module)
         self._remove_hooks()
         self._outputs = capture_outputs(student)
-        self._inputs = _StudentInputs(student)
+        self._inputs = _StudentInputs(student, hidden_states=self.hidden is not None)
         self._hooks = [self._outputs, self._inputs]
         if self.hidden is not None:
-            config = _text_config(student)
-            self._hidden_switched = not getattr(config, "output_hidden_states", False)
-            config.output_hidden_states = True
-            held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
-            if any(id(p) not in held for p in self.hidden.parameters()):
-                raise SlimtuneError(f"Distillation hidden_layers: the projections (the student's {PROJECTIONS}) are not "
-                                    "in the optimizer; valid: build the optimizer from the model's parameters, or "
-                                    "hidden_layers=null")
+            self.hidden.to(pl_module.device)
+            if self.hidden.projections is not None:
+                _train_with(trainer, list(self.hidden.parameters()))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         detach_loss_terms(pl_module, self)
-        student = self.model_for(pl_module)
-        if self._hidden_switched:
-            _text_config(student).output_hidden_states = False
-            self._hidden_switched = False
-        if PROJECTIONS in student._modules:  # the exported model is the student alone
-            del student._modules[PROJECTIONS]
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -264,7 +258,7 @@ class Distillation(SlimtuneCallback):
             student_states = getattr(output, "hidden_states", None)
             if student_states is None:
                 raise SlimtuneError("Distillation hidden_layers: the student returned no hidden states; valid: a "
-                                    "transformers model (its config.output_hidden_states is switched on for the fit)")
+                                    "transformers model (called with output_hidden_states=True during training)")
             mask = attention_mask if attention_mask is not None else None
             terms["hidden"] = self.hidden_weight * self.hidden(student_states, teacher_states, mask)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
@@ -273,11 +267,46 @@ class Distillation(SlimtuneCallback):
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        # the projections of hidden_layers are in the student's own state (its checkpoint); the teacher in none
-        return {"loss": self.spec.loss, "temperature": self.spec.temperature}
+        # the hidden-state projections are this callback's; the teacher is in no checkpoint
+        state: dict[str, Any] = {"loss": self.spec.loss, "temperature": self.spec.temperature}
+        if self.hidden is not None and self.hidden.projections is not None:
+            state["projections"] = {k: v.detach().cpu().clone() for k, v in self.hidden.state_dict().items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        projections = state_dict.get("projections")
+        if projections:
+            if self.hidden is not None:
+                self.hidden.load_state_dict(projections)
+            else:
+                self._pending_hidden_state = dict(projections)
+
+
+def _train_with(trainer, params: list) -> None:
+    """Add `params` to the trainer's optimizer as a group with the first group's settings (learning rate, weight
+    decay, ...), and extend its learning-rate schedulers to the new group, so they follow the same schedule."""
+    from torch.optim.lr_scheduler import LRScheduler
+
+    optimizer = trainer.optimizers[0]
+    if any(p is q for group in optimizer.param_groups for p in group["params"] for q in params):
+        return
+    group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+    optimizer.add_param_group({**group, "params": params})
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        extendable = isinstance(scheduler, LRScheduler) and not any(
+            hasattr(scheduler, name) for name in ("_schedulers", "max_lrs", "T_i", "cycle_momentum"))
+        if not extendable:
+            raise SlimtuneError(f"Distillation hidden_layers trains projections in the optimizer's own schedule, and "
+                                f"{type(scheduler).__name__} cannot take a new parameter group; valid: a LambdaLR-style "
+                                "scheduler (slimtune's constant, cosine, linear), no scheduler, or hidden_layers=null")
+        scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
+        if hasattr(scheduler, "lr_lambdas"):
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr.append(group["lr"])
 
 
 def _text_config(model: nn.Module):
