@@ -24,8 +24,10 @@ sizes are compared on the shared tokens, different tokenizers are refused.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +38,13 @@ from slimtune.callbacks._base import (
     check_int,
     check_model_arg,
     check_number,
+    check_path,
     check_tokenizer_arg,
     is_sequence,
     resolve_tokenizer,
     show,
 )
+from slimtune.distill.cache import LogitCache, data_fingerprint, weights_fingerprint, write_logit_cache
 from slimtune.distill.hidden import HIDDEN_LOSSES, HiddenStateLoss
 from slimtune.distill.losses import KDSpec, check_spec, kd_loss
 from slimtune.distill.teacher import TeacherRunner, aligned_vocab_size, freeze, load_teacher, model_vocab_size, teacher_config
@@ -98,7 +102,8 @@ class Distillation(SlimtuneCallback):
                  alpha: float = 0.1, top_k: int | None = None, kd_weight: float = 1.0, ce_weight: float = 1.0,
                  chunk_size: int = 1024, teacher_quantization: str | None = None, teacher_dtype: str | None = None,
                  teacher_device: str | None = None, teacher_tokenizer: Any = None, tokenizer: Any = None,
-                 hidden_layers: Any = None, hidden_loss: str = "mse", hidden_weight: float = 1.0, model: Any = None):
+                 hidden_layers: Any = None, hidden_loss: str = "mse", hidden_weight: float = 1.0, model: Any = None,
+                 cache_dir: str | None = None, cache_batch_size: int = 8):
         owner = "Distillation"
         check_spec(loss, temperature, beta, alpha, top_k, owner=owner)
         self.spec = KDSpec(loss, float(temperature), float(beta), float(alpha), top_k)
@@ -140,6 +145,16 @@ class Distillation(SlimtuneCallback):
         self.hidden_loss = hidden_loss
         self.hidden_weight = check_number(hidden_weight, "hidden_weight", owner, 0.0)
         self.model = check_model_arg(model, owner)
+        self.cache_dir = check_path(cache_dir, "cache_dir", owner)
+        self.cache_batch_size = check_int(cache_batch_size, "cache_batch_size", owner, 1)
+        if self.cache_dir is not None and top_k is None:
+            raise SlimtuneError("Distillation cache_dir needs top_k (the cache stores the teacher's k most likely tokens "
+                                "per position); valid: top_k=<a positive int>, e.g. 64, or cache_dir=null")
+        if self.cache_dir is not None and self.hidden_layers:
+            raise SlimtuneError("Distillation cache_dir holds the teacher's logits only, and hidden_layers needs its "
+                                "hidden states; valid: cache_dir=null with hidden_layers, or hidden_layers=null")
+        self._cache: LogitCache | None = None
+        self._sequences: list | None = None
         self.hidden: HiddenStateLoss | None = None
         self._pending_hidden_state: dict | None = None
         self._runner: TeacherRunner | None = None
@@ -185,6 +200,56 @@ class Distillation(SlimtuneCallback):
         report.update({f"distill_last_{k}": v for k, v in self.last_terms.items()})
         return report
 
+    # ------------------------------------------------------------------ teacher-logit cache
+
+    def _teacher_key(self) -> str:
+        if self._teacher_cfg is None:
+            return f"module:{weights_fingerprint(self._teacher)}"
+        keys = ("name_or_path", "gguf_file", "config", "revision", "dtype", "quantization")
+        return json.dumps({k: self._teacher_cfg.get(k) for k in keys}, sort_keys=True, default=str)
+
+    def _cache_fingerprint(self, tokenizer) -> dict:
+        from slimtune.data.datasets import tokenizer_fingerprint
+
+        fingerprint = {"teacher": self._teacher_key(), "top_k": int(self.spec.top_k),
+                       "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None}
+        if self._sequences is not None:
+            fingerprint["data"] = data_fingerprint(self._sequences)
+        return fingerprint
+
+    def _use_cache(self, trainer, tokenizer) -> bool:
+        """Load the cache when it is there (checked against this run's fingerprint); False when it must be written."""
+        from slimtune.distill.cache import CACHE_FILE
+
+        self._sequences = _training_sequences(trainer)
+        meta = Path(self.cache_dir) / CACHE_FILE
+        if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("complete"):
+            self._cache = LogitCache(self.cache_dir, self._cache_fingerprint(tokenizer))
+            return True
+        if self._sequences is None:
+            raise SlimtuneError(f"Distillation cache_dir={self.cache_dir!r} holds no finished cache and the training "
+                                "sequences are not at hand to write one; valid: fit with a LightningDataModule whose "
+                                "train_dataloader() has a dataset of rows with input_ids, or write the cache with "
+                                "slimtune.distill.cache.write_logit_cache")
+        return False
+
+    def _write_cache(self, tokenizer) -> None:
+        import gc
+
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        fingerprint = self._cache_fingerprint(tokenizer)
+        fingerprint.pop("data", None)  # computed by the writer from the same sequences
+        write_logit_cache(lambda ids, mask: self._runner.run(ids, mask)[0], self._sequences, self.cache_dir,
+                          fingerprint, int(self.spec.top_k), self._vocab_size, batch_size=self.cache_batch_size,
+                          chunk_size=self.chunk_size, pad_id=int(pad_id), progress=True)
+        self._cache = LogitCache(self.cache_dir, self._cache_fingerprint(tokenizer))
+        # the student trains from the cache: the teacher leaves memory
+        self._teacher = None if self._teacher_cfg is not None else self._teacher
+        self._runner = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -192,14 +257,21 @@ class Distillation(SlimtuneCallback):
         if stage != "fit":
             return
         device = self.teacher_device if self.teacher_device is not None else trainer.strategy.root_device
-        self._load_teacher(torch.device(device))
         student = self.model_for(pl_module)
         student_tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "Distillation", required=False)
+        if self.cache_dir is not None and self._use_cache(trainer, student_tokenizer):
+            attach_loss_terms(pl_module, self)  # from the cache: the teacher is never loaded
+            return
+        self._load_teacher(torch.device(device))
         teacher_tokenizer = self.teacher_tokenizer if self.teacher_tokenizer is not None else self._teacher_tokenizer_loaded
         if isinstance(teacher_tokenizer, (str, os.PathLike)):
             teacher_tokenizer = resolve_tokenizer(pl_module, teacher_tokenizer, "Distillation teacher_tokenizer")
         self._vocab_size = aligned_vocab_size(model_vocab_size(student), model_vocab_size(self._teacher),
                                               student_tokenizer, teacher_tokenizer)
+        if self.cache_dir is not None:
+            self._write_cache(student_tokenizer)
+            attach_loss_terms(pl_module, self)
+            return
         if self.hidden_layers is not None:
             s_cfg, t_cfg = _text_config(student), _text_config(self._teacher)
             self.hidden = HiddenStateLoss(self.hidden_layers, s_cfg.hidden_size, t_cfg.hidden_size,
@@ -244,7 +316,10 @@ class Distillation(SlimtuneCallback):
         labels = inputs.get("labels")
         if labels is None and isinstance(batch, Mapping):
             labels = batch.get("labels")
-        teacher, teacher_states = self._runner.run(input_ids, attention_mask, hidden_states=self.hidden is not None)
+        if self._cache is not None:
+            teacher, teacher_states = self._cache.lookup(input_ids, attention_mask), None
+        else:
+            teacher, teacher_states = self._runner.run(input_ids, attention_mask, hidden_states=self.hidden is not None)
         kd = kd_loss(output.logits, teacher, labels, attention_mask, spec=self.spec, chunk_size=self.chunk_size,
                      vocab_size=self._vocab_size)
         terms = {"kd": self.kd_weight * kd}
@@ -307,6 +382,22 @@ def _train_with(trainer, params: list) -> None:
             scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
         if hasattr(scheduler, "_last_lr"):
             scheduler._last_lr.append(group["lr"])
+
+
+def _training_sequences(trainer) -> list | None:
+    """The token ids of every training example, in dataset order, when the fit has a LightningDataModule whose training
+    loader reads a dataset of rows with input_ids (slimtune's data layer); None otherwise."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return None
+    dataset = getattr(datamodule.train_dataloader(), "dataset", None)
+    try:
+        rows = [dataset[i] for i in range(len(dataset))]
+    except (TypeError, KeyError, IndexError):
+        return None
+    if not rows or not all(isinstance(row, Mapping) and "input_ids" in row for row in rows):
+        return None
+    return [[int(t) for t in row["input_ids"]] for row in rows]
 
 
 def _text_config(model: nn.Module):
