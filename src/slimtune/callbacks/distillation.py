@@ -103,7 +103,8 @@ class Distillation(SlimtuneCallback):
                  chunk_size: int = 1024, teacher_quantization: str | None = None, teacher_dtype: str | None = None,
                  teacher_device: str | None = None, teacher_tokenizer: Any = None, tokenizer: Any = None,
                  hidden_layers: Any = None, hidden_loss: str = "mse", hidden_weight: float = 1.0, model: Any = None,
-                 cache_dir: str | None = None, cache_batch_size: int = 8):
+                 cache_dir: str | None = None, cache_batch_size: int = 8, on_policy: float = 0.0,
+                 max_new_tokens: int | None = None, generation_temperature: float = 1.0):
         owner = "Distillation"
         check_spec(loss, temperature, beta, alpha, top_k, owner=owner)
         self.spec = KDSpec(loss, float(temperature), float(beta), float(alpha), top_k)
@@ -153,6 +154,17 @@ class Distillation(SlimtuneCallback):
         if self.cache_dir is not None and self.hidden_layers:
             raise SlimtuneError("Distillation cache_dir holds the teacher's logits only, and hidden_layers needs its "
                                 "hidden states; valid: cache_dir=null with hidden_layers, or hidden_layers=null")
+        self.on_policy = check_number(on_policy, "on_policy", owner, 0.0, 1.0, low_open=False, high_open=False)
+        self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", owner, 1, none_ok=True)
+        self.generation_temperature = check_number(generation_temperature, "generation_temperature", owner, 0.0)
+        if self.on_policy > 0 and self.max_new_tokens is None:
+            raise SlimtuneError(f"Distillation on_policy={self.on_policy:g} samples completions from the student and "
+                                "needs a generation budget; valid: max_new_tokens=<a positive int>, or on_policy=0")
+        if self.on_policy > 0 and (self.cache_dir is not None or self.hidden_layers):
+            raise SlimtuneError(f"Distillation on_policy={self.on_policy:g} scores the student's own samples with the "
+                                "live teacher's logits; valid: on_policy=0 with cache_dir or hidden_layers")
+        self.on_policy_steps = 0
+        self.last_generated = None
         self._cache: LogitCache | None = None
         self._sequences: list | None = None
         self.hidden: HiddenStateLoss | None = None
@@ -198,6 +210,8 @@ class Distillation(SlimtuneCallback):
         report = {"distill_teacher": self.describe_teacher(), "distill_loss": self.spec.loss,
                   "distill_temperature": self.spec.temperature}
         report.update({f"distill_last_{k}": v for k, v in self.last_terms.items()})
+        if self.on_policy > 0:
+            report["distill_on_policy_steps"] = self.on_policy_steps
         return report
 
     # ------------------------------------------------------------------ teacher-logit cache
@@ -316,12 +330,16 @@ class Distillation(SlimtuneCallback):
         labels = inputs.get("labels")
         if labels is None and isinstance(batch, Mapping):
             labels = batch.get("labels")
-        if self._cache is not None:
-            teacher, teacher_states = self._cache.lookup(input_ids, attention_mask), None
+        if self.on_policy > 0 and float(torch.rand(())) < self.on_policy:
+            kd = self._on_policy_kd(pl_module, input_ids, labels, attention_mask)
         else:
-            teacher, teacher_states = self._runner.run(input_ids, attention_mask, hidden_states=self.hidden is not None)
-        kd = kd_loss(output.logits, teacher, labels, attention_mask, spec=self.spec, chunk_size=self.chunk_size,
-                     vocab_size=self._vocab_size)
+            if self._cache is not None:
+                teacher, teacher_states = self._cache.lookup(input_ids, attention_mask), None
+            else:
+                teacher, teacher_states = self._runner.run(input_ids, attention_mask,
+                                                           hidden_states=self.hidden is not None)
+            kd = kd_loss(output.logits, teacher, labels, attention_mask, spec=self.spec, chunk_size=self.chunk_size,
+                         vocab_size=self._vocab_size)
         terms = {"kd": self.kd_weight * kd}
         if self.ce_weight != 1.0:
             ce = getattr(output, "loss", None)
@@ -338,6 +356,30 @@ class Distillation(SlimtuneCallback):
             terms["hidden"] = self.hidden_weight * self.hidden(student_states, teacher_states, mask)
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         return terms
+
+    def _on_policy_kd(self, pl_module, input_ids, labels, attention_mask) -> torch.Tensor:
+        """GKD: the divergence on completions the student samples from this batch's prompts (a second forward of
+        the student, with gradient), scored by the teacher."""
+        from slimtune.distill.on_policy import prompts_of, sample_completions
+
+        student = self.model_for(pl_module)
+        tokenizer = resolve_tokenizer(pl_module, self.tokenizer, "Distillation", required=False)
+        config = _text_config(student)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = pad if pad is not None else (config.pad_token_id if config.pad_token_id is not None else 0)
+        eos = eos if eos is not None else config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        generated = sample_completions(student, prompts_of(input_ids, labels, attention_mask), self.max_new_tokens,
+                                       self.generation_temperature, int(pad), eos)
+        self.last_generated = generated
+        self.on_policy_steps += 1
+        logits = student(input_ids=generated.input_ids, attention_mask=generated.attention_mask,
+                         position_ids=generated.position_ids).logits
+        teacher, _ = self._runner.run(generated.input_ids, generated.attention_mask,
+                                      position_ids=generated.position_ids)
+        return kd_loss(logits, teacher, generated.labels, spec=self.spec, chunk_size=self.chunk_size,
+                       vocab_size=self._vocab_size)
 
     # ------------------------------------------------------------------ resume
 

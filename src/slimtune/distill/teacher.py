@@ -156,8 +156,9 @@ class TeacherRunner:
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            hidden_states: bool = False) -> tuple[Any, tuple | None]:
-        """(HeadInput or logits, the hidden states of every layer when `hidden_states`)."""
+            hidden_states: bool = False, position_ids: torch.Tensor | None = None) -> tuple[Any, tuple | None]:
+        """(HeadInput or logits, the hidden states of every layer when `hidden_states`); `position_ids` for
+        left-padded rows (on-policy samples)."""
         if self.model.training:
             self.model.eval()
         device = self.device
@@ -165,9 +166,10 @@ class TeacherRunner:
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         if self._split is None:
             self._split = self._check_split(input_ids, attention_mask)
+        extra = {"position_ids": position_ids.to(device)} if position_ids is not None else {}
         if self._split:
             decoder, head = self._parts()
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states, **extra)
             return HeadInput(out.last_hidden_state, head), (out.hidden_states if hidden_states else None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states, **extra)
         return out.logits, (out.hidden_states if hidden_states else None)
