@@ -20,6 +20,9 @@ bitsandbytes), on the student's device or `teacher_device`. It is frozen and in 
 not by the LightningModule: it is never in the optimizer and never in a checkpoint. Its logits are computed chunk by
 chunk from its last hidden states. Teacher and student must share a tokenizer family; vocabularies padded to different
 sizes are compared on the shared tokens, different tokenizers are refused.
+
+Instead of a live teacher, a teacher-logit cache (`cache_dir`, with `top_k`) gives the same top-k loss with no teacher in
+memory; with `on_policy` = lambda, that share of steps distils on completions the student samples itself (GKD).
 """
 
 from __future__ import annotations
@@ -93,6 +96,13 @@ class Distillation(SlimtuneCallback):
         hidden_layers: null, or [[student_layer, teacher_layer], ...] indices of `output_hidden_states` (0: embeddings).
         hidden_loss: mse or cosine. hidden_weight: > 0 with hidden_layers.
         model: the student (null: `pl_module.model` or its only transformers / PEFT model).
+        cache_dir: a teacher-logit cache folder (`slimtune.distill.cache`; needs top_k): written by one teacher pass
+            over the training data at fit start when absent, then the student trains from it and the teacher leaves
+            memory; reused, without loading the teacher, when its tokenizer, data and teacher fingerprint match, and
+            refused in one line when they do not. cache_batch_size: sequences per teacher batch while writing.
+        on_policy: GKD's lambda in [0, 1]: the share of steps whose KD term is taken on completions the student
+            samples from the batch's prompts (`slimtune.distill.on_policy`), up to max_new_tokens, at
+            generation_temperature.
     """
 
     name = "distillation"
