@@ -58,6 +58,7 @@ def test_every_grid_point_composes_into_a_train_call(path, full, tmp_path):
                 assert str(got) in (value, str(float(value)) if value.replace(".", "").isdigit() else value, "None")
 
 
+@pytest.mark.slow  # ~10 s: W&B's offline service starts and stops
 def test_one_sweep_run_end_to_end_offline_reports_the_metric(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = yaml.safe_load((ROOT / "sweeps" / "distill_tiny.yaml").read_text())
