@@ -46,6 +46,11 @@ def test_recipes_build_a_distillation_callback():
         built = [cb for cb in build_callbacks(cfg) if isinstance(cb, Distillation)]
         assert len(built) == 1 and built[0].describe_teacher() == teacher
         assert built[0]._teacher_cfg["quantization"] == quantization
+    # recovery of a compressed model: PTQ quantizes the student at fit start, the teacher is the float32 model
+    cfg = compose("recipe=lorc_w3_kd_smollm2", "logger=none", "trainer.enable_checkpointing=false")
+    built = build_callbacks(cfg)
+    assert [type(cb).__name__ for cb in built][:2] == ["PostTrainingQuantization", "Distillation"]
+    assert built[1]._teacher_cfg["quantization"] == "none" and cfg.model.lora.r == 16 and cfg.export.quantized
     cfg = compose("recipe=kd_llama2_13b_to_7b")
     assert cfg.model.name_or_path == "meta-llama/Llama-2-7b-hf" and cfg.callbacks.distill.top_k == 256
     assert OmegaConf.to_container(cfg.callbacks.distill, resolve=True)["teacher"]["dtype"] == "bfloat16"
