@@ -243,11 +243,11 @@ class Distillation(SlimtuneCallback):
 
     def _use_cache(self, trainer, tokenizer) -> bool:
         """Load the cache when it is there (checked against this run's fingerprint); False when it must be written."""
-        from slimtune.distill.cache import CACHE_FILE
+        from slimtune.distill.cache import read_cache_meta
 
         self._sequences = _training_sequences(trainer)
-        meta = Path(self.cache_dir) / CACHE_FILE
-        if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("complete"):
+        meta = read_cache_meta(Path(self.cache_dir))
+        if meta is not None and meta.get("complete"):
             self._cache = LogitCache(self.cache_dir, self._cache_fingerprint(tokenizer))
             return True
         if self._sequences is None:

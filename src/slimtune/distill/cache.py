@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from slimtune.distill.losses import HeadInput, TopKLogprobs
 from slimtune.errors import SlimtuneError
 
-__all__ = ["CACHE_FILE", "LogitCache", "data_fingerprint", "sequence_key", "teacher_topk", "weights_fingerprint",
+__all__ = ["CACHE_FILE", "LogitCache", "data_fingerprint", "read_cache_meta", "sequence_key", "teacher_topk", "weights_fingerprint",
            "write_logit_cache"]
 
 CACHE_FILE = "cache.json"
@@ -87,7 +87,7 @@ def teacher_topk(source: Tensor | HeadInput, k: int, vocab_size: int | None = No
             torch.cat(indices).to(torch.int32).reshape(batch, length, width).cpu())
 
 
-def _read_meta(folder: Path) -> dict | None:
+def read_cache_meta(folder: Path) -> dict | None:
     path = folder / CACHE_FILE
     if not path.is_file():
         return None
@@ -122,7 +122,7 @@ def write_logit_cache(run_teacher, sequences: Sequence[Sequence[int]], folder, f
     sequences = [list(map(int, s)) for s in sequences]
     fingerprint = {**fingerprint, "data": data_fingerprint(sequences), "top_k": int(top_k), "vocab_size": vocab_size,
                    "format": FORMAT_VERSION}
-    meta = _read_meta(folder)
+    meta = read_cache_meta(folder)
     if meta is not None:
         _check_fingerprint(folder, meta["fingerprint"], fingerprint)
     else:
@@ -171,7 +171,7 @@ class LogitCache:
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
-        meta = _read_meta(self.folder)
+        meta = read_cache_meta(self.folder)
         if meta is None or not meta.get("complete"):
             what = "holds no cache" if meta is None else "holds an unfinished cache"
             raise SlimtuneError(f"teacher-logit cache {str(self.folder)!r} {what}; valid: a folder write_logit_cache "
