@@ -257,15 +257,17 @@ class Distillation(SlimtuneCallback):
                                 "slimtune.distill.cache.write_logit_cache")
         return False
 
-    def _write_cache(self, tokenizer) -> None:
+    def _write_cache(self, trainer, tokenizer) -> None:
         import gc
 
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         fingerprint = self._cache_fingerprint(tokenizer)
         fingerprint.pop("data", None)  # computed by the writer from the same sequences
-        write_logit_cache(lambda ids, mask: self._runner.run(ids, mask)[0], self._sequences, self.cache_dir,
-                          fingerprint, int(self.spec.top_k), self._vocab_size, batch_size=self.cache_batch_size,
-                          chunk_size=self.chunk_size, pad_id=int(pad_id), progress=True)
+        if trainer.is_global_zero:  # one process writes the shared folder; the others wait, then read it
+            write_logit_cache(lambda ids, mask: self._runner.run(ids, mask)[0], self._sequences, self.cache_dir,
+                              fingerprint, int(self.spec.top_k), self._vocab_size, batch_size=self.cache_batch_size,
+                              chunk_size=self.chunk_size, pad_id=int(pad_id), progress=True)
+        trainer.strategy.barrier("distillation_cache")
         self._cache = LogitCache(self.cache_dir, self._cache_fingerprint(tokenizer))
         # the student trains from the cache: the teacher leaves memory
         self._teacher = None if self._teacher_cfg is not None else self._teacher
@@ -293,7 +295,7 @@ class Distillation(SlimtuneCallback):
         self._vocab_size = aligned_vocab_size(model_vocab_size(student), model_vocab_size(self._teacher),
                                               student_tokenizer, teacher_tokenizer)
         if self.cache_dir is not None:
-            self._write_cache(student_tokenizer)
+            self._write_cache(trainer, student_tokenizer)
             attach_loss_terms(pl_module, self)
             return
         if self.hidden_layers is not None:
