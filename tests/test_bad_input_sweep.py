@@ -220,6 +220,12 @@ def _cases() -> list[Case]:
              "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
         Case("ckpt_file_under_deepspeed", (TINY, "strategy=deepspeed_zero2", "ckpt_path={inputs}/lightning.ckpt"),
              "{inputs}/lightning.ckpt' is a single-file checkpoint"),
+        # distillation (issue 11): refused when the callbacks are built, before the teacher or anything else loads
+        Case("distill_teacher_missing", ("recipe=kd_tiny", "callbacks.distill.teacher.config=null",
+                                         "callbacks.distill.teacher.name_or_path=/nowhere/teacher"),
+             "'/nowhere/teacher' does not exist"),
+        Case("distill_on_policy_without_budget", ("recipe=kd_tiny", "callbacks.distill.on_policy=0.5"),
+             "needs a generation budget"),
         # Hydra's composition, pre-checked by train.py
         Case("recipe_unknown", ("recipe=nope",), "'nope'"),
         Case("key_unknown", (TINY, "trainer.nope=1"), "trainer.nope"),
