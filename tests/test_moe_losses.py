@@ -219,7 +219,7 @@ def test_dead_experts_and_collapse_report():
     assert dead.observe(0, torch.zeros(4)) == [2, 3]  # an empty step changes nothing
     assert dead.observe(0, torch.tensor([25.0, 25.0, 25.0, 0.0])) == [3]  # expert 2 revived, expert 3 still starved
     assert dead.observe(0, torch.full((4,), 25.0)) == []
-    report = collapse_report("model.layers.1.mlp.gate", starving, [2, 3], max_cv=0.5)
+    report = collapse_report("model.layers.1.mlp.gate", starving, [2, 3], max_cv=0.5, overload=1.5)
     assert report.overloaded == [0, 1] and report.dead == [2, 3]
     assert "model.layers.1.mlp.gate" in report.message() and "[2, 3]" in report.message()
     assert collapse_report("x", torch.ones(4), [], max_cv=0.5) is None
