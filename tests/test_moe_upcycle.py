@@ -70,3 +70,26 @@ def test_bad_upcycling_input_is_one_line():
     moe = upcycle_to_mixtral(dense)
     with pytest.raises(SlimtuneError, match=r"model_type='mixtral'\) is not supported; valid: a dense model of type"):
         upcycle_to_mixtral(moe)
+
+
+def test_lora_on_routers_and_fused_experts_merges_into_a_plain_mixtral(tmp_path):
+    """PEFT's all-linear on an MoE model adapts each router's weight and the fused 3-D expert weights (ParamWrapper);
+    slimtune's merged export folds those deltas in too, so the plain Mixtral computes what the adapted model did."""
+    from peft import LoraConfig, get_peft_model
+
+    from slimtune.models.merge import save_merged
+
+    moe = upcycle_to_mixtral(dense_llama(), num_experts=4, top_k=2, noise=0.01)
+    peft_model = get_peft_model(moe, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False)).eval()
+    wrapped = {type(m).__name__ for n, m in peft_model.named_modules() if n.endswith(("mlp.gate", "mlp.experts"))}
+    assert wrapped == {"ParamWrapper"}
+    with torch.no_grad():
+        adapted = peft_model(input_ids=IDS).logits
+        plain = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            unadapted = plain(input_ids=IDS).logits
+    assert not torch.allclose(adapted, unadapted, atol=1e-4)  # the deltas matter
+    merged = AutoModelForCausalLM.from_pretrained(save_merged(peft_model, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=IDS).logits, adapted, atol=1e-4)

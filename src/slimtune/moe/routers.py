@@ -177,5 +177,6 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
             continue
         num_experts = adapter.num_experts or int(getattr(module, "num_experts"))
         top_k = adapter.top_k or int(getattr(module, "top_k"))
-        found.append(RouterRef(name, module, num_experts, top_k, adapter))
+        # PEFT's all-linear wraps a router's weight (its ParamWrapper holds the router as base_layer): the plain name
+        found.append(RouterRef(name.replace(".base_layer", ""), module, num_experts, top_k, adapter))
     return found
