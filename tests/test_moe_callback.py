@@ -288,3 +288,27 @@ def test_keep_builtin_aux_leaves_transformers_loss_and_adds_none(tmp_path):
     t.fit(UserMoE(model), loader(token_batches(1)))
     assert balance.report()["moe_aux_loss"] == "transformers" and "train/loss_aux" not in t.callback_metrics
     assert "moe/cv_max" in t.callback_metrics  # a monitor still
+
+
+@pytest.mark.slow  # W&B starts its service process: ~10-20 s on 2 busy cores
+def test_heatmap_goes_to_wandb_as_a_table(tmp_path, monkeypatch):
+    import json
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="moe-test")
+    balance = MoEBalance(aux_coef=0.01, heatmap_dir=str(tmp_path / "hm"))
+    try:
+        trainer(tmp_path, [balance], max_steps=2, logger=logger).fit(UserMoE(tiny_moe("mixtral")),
+                                                                    loader(token_batches(2)))
+    finally:
+        wandb.finish()
+    (table_file,) = (tmp_path / "wandb").rglob("moe/heatmap_table*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["layer", "expert0", "expert1", "expert2", "expert3"]
+    assert [row[0] for row in table["data"]] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert all(abs(sum(row[1:]) - 1) < 1e-5 for row in table["data"])  # each layer's mean shares
+    assert (tmp_path / "hm" / "moe_heatmap.png").is_file()
