@@ -39,6 +39,7 @@ image when Pillow is installed) with a WandbLogger. All coefficients 0 makes it 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from slimtune.lightning.loss_terms import attach_loss_terms, capture_outputs, de
 from slimtune.moe.aux_free import ExpertBias
 from slimtune.moe.heatmap import mean_shares, write_heatmap_csv, write_heatmap_png
 from slimtune.moe.losses import (expert_load, mean_probability, routing_probabilities, sequence_balance_loss,
-                                 switch_loss, z_loss)
+                                 switch_loss, token_mask, z_loss)
 from slimtune.moe.routers import FAMILIES, find_routers
 from slimtune.moe.stats import (DeadExperts, StepLoad, all_reduce_sum, coefficient_of_variation, collapse_report,
                                 load_shares)
@@ -143,8 +144,10 @@ class MoEBalance(SlimtuneCallback):
         model = self.model_for(pl_module)
         self.routers = self._routers_of(model)
         experts = [r.num_experts for r in self.routers]
-        self.step_load = StepLoad(experts)
-        self._entropy = torch.zeros(len(self.routers), 2, dtype=torch.float64)  # (entropy sum, tokens) per layer
+        device = pl_module.device
+        self.step_load = StepLoad(experts, device)
+        # (entropy sum, tokens) per layer, on the model's device like the loads: no host sync inside the step
+        self._entropy = torch.zeros(len(self.routers), 2, dtype=torch.float64, device=device)
         self.dead = DeadExperts(experts, self.dead_threshold, self.dead_steps)
         if self.bias_rate is not None:
             self.expert_bias = ExpertBias(experts, self.bias_rate)
@@ -194,15 +197,23 @@ class MoEBalance(SlimtuneCallback):
             rank_zero_info(f"MoEBalance: transformers' router aux loss (output_router_logits) is {what} "
                            f"(builtin_aux={self.builtin_aux!r})")
 
-    def _install_bias(self) -> None:
+    def _refresh_device_bias(self) -> None:
+        """A copy of each layer's bias on its router's device (no host-to-device copy in every forward)."""
+        self._device_bias = []
         for ref, bias in zip(self.routers, self.expert_bias.bias):
+            weight = next(ref.module.parameters(), None)
+            self._device_bias.append(bias.to(weight.device) if weight is not None else bias.clone())
             if ref.adapter.native_bias:
                 self._push_native(ref, bias)
+
+    def _install_bias(self) -> None:
+        self._refresh_device_bias()
+        for ref, bias in zip(self.routers, self.expert_bias.bias):
+            if ref.adapter.native_bias:
                 continue
 
-            def hook(module, args, output, ref=ref, layer=len(self._hooks)):
-                bias = self.expert_bias.bias[layer]
-                return ref.adapter.rebias(module, output, bias)
+            def hook(module, args, output, ref=ref, layer=self.routers.index(ref)):
+                return ref.adapter.rebias(module, output, self._device_bias[layer])
 
             # first among the router's hooks: what capture_outputs records is the choice the experts really got
             self._hooks.append(ref.module.register_forward_hook(hook, prepend=True))
@@ -240,11 +251,12 @@ class MoEBalance(SlimtuneCallback):
                 load = expert_load(indices, ref.num_experts, mask)
                 prob_sum, tokens = mean_probability(probs, mask)
                 self.step_load.add(layer, load, tokens)
-                weight = torch.ones(probs.shape[0]) if mask is None else mask.reshape(-1).float().cpu()
-                p = probs.detach().cpu()
-                entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / torch.log(torch.tensor(float(ref.num_experts)))
-                self._entropy[layer] += torch.tensor([float((entropy * weight).sum()), float(weight.sum())],
-                                                     dtype=torch.float64)
+                with torch.no_grad():
+                    weight = token_mask(mask, probs.shape[0], probs.device)
+                    p = probs.detach()
+                    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(ref.num_experts)
+                    self._entropy[layer] += torch.stack([(entropy * weight).sum(), weight.sum()]).to(
+                        self._entropy.device, torch.float64)
                 layers.append((layer, ref, logits, indices, probs, load, prob_sum, tokens))
         if not any(c > 0 for c in (self.aux_coef, self.z_coef, self.seq_coef)) or not layers:
             return {}
@@ -281,7 +293,8 @@ class MoEBalance(SlimtuneCallback):
         if not self.routers:
             return
         loads, _ = self.step_load.reduced()
-        entropy = all_reduce_sum(self._entropy.clone())
+        loads = [load.cpu() for load in loads]  # one host copy per optimizer step
+        entropy = all_reduce_sum(self._entropy.clone()).cpu()
         self.step_load.reset()
         self._entropy.zero_()
         if all(float(load.sum()) == 0 for load in loads):
@@ -289,9 +302,7 @@ class MoEBalance(SlimtuneCallback):
         self.steps += 1
         if self.expert_bias is not None:
             self.expert_bias.update(loads)
-            for ref, bias in zip(self.routers, self.expert_bias.bias):
-                if ref.adapter.native_bias:
-                    self._push_native(ref, bias)
+            self._refresh_device_bias()
         metrics: dict[str, float] = {}
         shares, self.last_cv, self.last_dead = [], [], []
         for layer, (ref, load) in enumerate(zip(self.routers, loads)):

@@ -33,16 +33,18 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 class StepLoad:
-    """Per layer: expert slots and real tokens summed over micro-batches (`add`), until `reset`."""
+    """Per layer: expert slots and real tokens summed over micro-batches (`add`), until `reset`. The sums stay on
+    `device` (the model's: no host sync per micro-batch, and NCCL all-reduces device tensors only)."""
 
-    def __init__(self, num_experts: list[int]):
+    def __init__(self, num_experts: list[int], device: torch.device | str | None = None):
         self.num_experts = list(num_experts)
-        self.load = [torch.zeros(e, dtype=torch.float64) for e in self.num_experts]
-        self.tokens = torch.zeros(len(self.num_experts), dtype=torch.float64)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.load = [torch.zeros(e, dtype=torch.float64, device=self.device) for e in self.num_experts]
+        self.tokens = torch.zeros(len(self.num_experts), dtype=torch.float64, device=self.device)
 
     def add(self, layer: int, load: Tensor, tokens: Tensor | float) -> None:
-        self.load[layer] += load.detach().double().cpu()
-        self.tokens[layer] += float(tokens)
+        self.load[layer] += load.detach().to(self.device, torch.float64)
+        self.tokens[layer] += torch.as_tensor(tokens, dtype=torch.float64).to(self.device)
 
     def reset(self) -> None:
         for load in self.load:
