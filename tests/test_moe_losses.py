@@ -3,7 +3,6 @@ excluded everywhere, statistics summed over micro-batches and over 2 gloo ranks,
 skewed synthetic router to uniform load, dead experts and collapse reports."""
 
 import math
-import os
 import socket
 
 import pytest
@@ -161,28 +160,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank_main(rank, port, result_path):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        acc = StepLoad([E])
-        _, indices = router_output(seed=10 + rank)
-        acc.add(0, expert_load(indices, E), B * S)
-        loads, tokens = acc.reduced()
-        if rank == 0:
-            torch.save({"load": loads[0], "tokens": tokens}, result_path)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_step_load_all_reduces_over_two_gloo_ranks(tmp_path):
+    from moe_rank_worker import E as WORKER_E
+    from moe_rank_worker import TOKENS, indices_of_rank, rank_main
+
     path = tmp_path / "reduced.pt"
-    mp.start_processes(_rank_main, args=(_free_port(), str(path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(rank_main, args=(_free_port(), str(path)), nprocs=2, join=True, start_method="spawn")
     got = torch.load(path)
-    expected = sum(expert_load(router_output(seed=10 + r)[1], E) for r in range(2))
-    assert torch.equal(got["load"].float(), expected) and float(got["tokens"][0]) == 2 * B * S
+    expected = sum(expert_load(indices_of_rank(r), WORKER_E) for r in range(2))
+    assert torch.equal(got["load"].float(), expected) and float(got["tokens"][0]) == 2 * TOKENS
 
 
 def test_aux_free_bias_moves_a_skewed_router_to_uniform_load():
