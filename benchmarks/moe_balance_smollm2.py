@@ -4,6 +4,7 @@ callback.
 
     python benchmarks/moe_balance_smollm2.py                      # 30 steps per variant, WikiText-2 valid text
     python benchmarks/moe_balance_smollm2.py --steps 60 --variants none,switch,aux_free --ppl-windows 4
+    python benchmarks/moe_balance_smollm2.py --model tiny_llama_moe --steps 3 --out /tmp/moe_check.json  # script check
 
 Variants (each `run(compose_config([...]))` in its own subprocess, LoRA r=8 on attention, routers and fused experts):
   none      `callbacks=[moe_monitor]`: metrics only, no loss added (shows collapse if it happens);
@@ -34,7 +35,7 @@ C.offline()
 CALLBACKS = {"none": "[moe_monitor]", "switch": "[moe_balance]", "aux_free": "[moe_aux_free]", "bare": "[]"}
 
 
-def child(variant: str, steps: int, out: str, ppl_windows: int, data: str, seed: int) -> None:
+def child(variant: str, steps: int, out: str, ppl_windows: int, data: str, seed: int, model: str) -> None:
     """One run in this process; prints the result line the parent reads."""
     from slimtune.config import compose_config
     from slimtune.run import run
@@ -42,7 +43,7 @@ def child(variant: str, steps: int, out: str, ppl_windows: int, data: str, seed:
     callbacks = CALLBACKS[variant]
     if ppl_windows:
         callbacks = callbacks[:-1] + ("," if callbacks != "[]" else "") + "perplexity_wikitext2]"
-    overrides = ["recipe=moe_upcycle_smollm2", f"callbacks={callbacks}", f"output_dir={out}", f"seed={seed}",
+    overrides = ["recipe=moe_upcycle_smollm2", f"model={model}", f"callbacks={callbacks}", f"output_dir={out}", f"seed={seed}",
                  f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", f"data.path={data}", "export.merged=false", "export.adapter=false"]
     if ppl_windows:
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=4)
     parser.add_argument("--data", default=C.DEFAULT_DATA)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--model", default="smollm2_135m_moe",
+                        help="a model config with model.upcycle (tiny_llama_moe: a seconds-long check of this script)")
     parser.add_argument("--out", default=str(C.RESULTS / "moe_balance_smollm2.json"))
     parser.add_argument("--child", default=None)
     parser.add_argument("--child-out", default=None)
@@ -70,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     C.use_data_dir(args.data_dir)
     if args.child:
-        return child(args.child, args.steps, args.child_out, args.ppl_windows, args.data, args.seed)
+        return child(args.child, args.steps, args.child_out, args.ppl_windows, args.data, args.seed, args.model)
     import tempfile
 
     results: dict[str, list] = {}
@@ -81,7 +84,7 @@ def main() -> None:
                 started = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--child", variant, "--child-out", str(out),
                                        "--steps", str(args.steps), "--ppl-windows", str(args.ppl_windows),
-                                       "--data", args.data, "--seed", str(args.seed)],
+                                       "--data", args.data, "--seed", str(args.seed), "--model", args.model],
                                       capture_output=True, text=True)
                 line = next((l for l in proc.stdout.splitlines() if l.startswith(C.MARKER)), None)
                 if line is None:
