@@ -22,6 +22,7 @@ from slimtune.moe.heatmap import read_png_size
 
 ACCUMULATE = 2
 AUX = 0.5  # large, so a wrongly formed or double-counted term moves the gradient visibly
+Z, SEQ = 0.05, 0.5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,10 +68,12 @@ def loader(batches):
     return torch.utils.data.DataLoader(batches, batch_size=None)
 
 
-def hand_gradients(model, batches, coef):
-    """d/dθ of sum over micro-batches m of (CE_m + coef * mean_layers E * sum_i f_i P_i) / ACCUMULATE, where f is the
-    load of micro-batches 1..m and P the masked mean probability of micro-batch m, from the router logits transformers
-    returns, by the direct formula; also the step's load per layer."""
+def hand_gradients(model, batches, coef, z_coef=0.0, seq_coef=0.0):
+    """d/dθ of sum over micro-batches m of (CE_m + coef * mean_layers E * sum_i f_i P_i + z_coef * mean_layers z_m
+    + seq_coef * mean_layers seq_m) / ACCUMULATE, where f is the load of micro-batches 1..m and P the masked mean
+    probability of micro-batch m, z_m the masked mean squared logsumexp, seq_m the mean over sequences of DeepSeek's
+    sequence-wise loss, all from the router logits transformers returns, by the direct formulas; also the step's load
+    per layer."""
     model = copy.deepcopy(model).train()
     model.router_aux_loss_coef = 0.0  # its own aux loss out of the reference: only the formula below counts
     k, E = model.config.num_experts_per_tok, model.config.num_local_experts
@@ -87,8 +90,18 @@ def hand_gradients(model, batches, coef):
             tokens[layer] += float(mask.sum())
             f = loads[layer] / (tokens[layer] * k)
             P = (probs * mask[:, None]).sum(0) / mask.sum()
-            terms.append(E * (f * P).sum())
-        ((out.loss + coef * torch.stack(terms).mean()) / ACCUMULATE).backward()
+            terms.append(coef * E * (f * P).sum())
+            z = (torch.logsumexp(logits.float(), -1) ** 2 * mask).sum() / mask.sum()
+            rows, length = batch["attention_mask"].shape
+            seq = 0.0
+            for b in range(rows):
+                real = mask.reshape(rows, length)[b]
+                p, c = probs.reshape(rows, length, E)[b], chosen.reshape(rows, length, k)[b]
+                counts = torch.stack([((c == i).any(-1).float() * real).sum() for i in range(E)])
+                f_seq = counts * E / (k * real.sum())
+                seq = seq + (f_seq * (p * real[:, None]).sum(0) / real.sum()).sum()
+            terms[-1] = terms[-1] + z_coef * z + seq_coef * seq / rows
+        ((out.loss + torch.stack(terms).mean()) / ACCUMULATE).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, loads
 
 
@@ -103,18 +116,19 @@ def test_gradient_equals_hand_computed_summed_loss(checkpointing, tmp_path):
     batches = token_batches(ACCUMULATE, pad_last=5)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    balance, grads = MoEBalance(aux_coef=AUX, heatmap=False), GradAtStep()
+    balance, grads = MoEBalance(aux_coef=AUX, z_coef=Z, seq_coef=SEQ, heatmap=False), GradAtStep()
     router_calls = []
     counter = find_routers(model)[0].module.register_forward_hook(lambda *_: router_calls.append(1))
     t = trainer(tmp_path, [balance, grads], accumulate_grad_batches=ACCUMULATE)
     t.fit(UserMoE(model), loader(batches))
     counter.remove()
 
-    expected, loads = hand_gradients(initial, batches, AUX)
+    expected, loads = hand_gradients(initial, batches, AUX, Z, SEQ)
     assert relative_error(grads.grads, expected) < 1e-5
-    # the test can fail: without the term, or with transformers' own aux loss counted as well, it is far off
-    without, _ = hand_gradients(initial, batches, 0.0)
-    assert relative_error(grads.grads, without) > 1e-3
+    # the test can fail: without any one of the terms, or with transformers' own aux loss counted as well, it is off
+    for without in (hand_gradients(initial, batches, 0.0, Z, SEQ)[0], hand_gradients(initial, batches, AUX, 0.0, SEQ)[0],
+                    hand_gradients(initial, batches, AUX, Z, 0.0)[0]):
+        assert relative_error(grads.grads, without) > 1e-4
     # statistics of the step = the hand loads (padding excluded), whether or not the routers ran again in backward
     assert len(router_calls) == ACCUMULATE * (2 if checkpointing else 1)
     assert torch.allclose(balance.history[0], torch.stack([l / l.sum() for l in loads]), atol=1e-6)
@@ -245,11 +259,14 @@ def test_custom_router_collapse_warning_names_layer_and_experts(tmp_path):
         assert any("dead experts [2, 3]" in m for m in messages)  # named once they stayed starved 2 steps
         assert balance.last_dead == [[2, 3]] and balance.last_cv[0] == pytest.approx(1.0)
         # a declared count that does not match what the router returns: one line at the first step
-        register_router(ToyRouter, num_experts=5, top_k=2)
-        with pytest.raises(SlimtuneError, match=r"router router returned logits for 4 experts but is declared with "
-                                                r"num_experts=5; valid: num_experts=4"):
-            trainer(tmp_path, [MoEBalance(heatmap=False)], max_steps=1).fit(ToyModule(ToyMoE([0.0] * 4)),
-                                                                             loader(token_batches(1)))
+        for declared, message in (({"num_experts": 5, "top_k": 2}, r"router router returned logits for 4 experts but "
+                                                                    r"is declared with num_experts=5; valid: num_experts=4"),
+                                  ({"num_experts": 4, "top_k": 3}, r"router router chose 2 experts per token but is "
+                                                                   r"declared with top_k=3; valid: top_k=2")):
+            register_router(ToyRouter, **declared)
+            with pytest.raises(SlimtuneError, match=message):
+                trainer(tmp_path, [MoEBalance(heatmap=False)], max_steps=1).fit(ToyModule(ToyMoE([0.0] * 4)),
+                                                                                 loader(token_batches(1)))
     finally:
         unregister_router(ToyRouter)
 
