@@ -284,6 +284,7 @@ def test_bad_input_is_one_line(tmp_path):
              (lambda: MoEBalance(bias_rate=-1e-3), r"bias_rate=-0.001 is not valid"),
              (lambda: MoEBalance(builtin_aux="keep"), "would count the Switch loss twice"),
              (lambda: MoEBalance(builtin_aux="both"), "builtin_aux='both' is not valid; valid: auto, off, keep"),
+             (lambda: MoEBalance(builtin_aux=False), r"builtin_aux=False is not valid; .*write \"off\""),
              (lambda: register_router(ToyRouter, num_experts=4, top_k=5), "top_k=5 is not valid for num_experts=4"),
              (lambda: MoEBalance(bias_rate=0.1).check_model(ToyMoE([0.0] * 4), None), "found no MoE router")]
     for make, message in cases:

@@ -79,8 +79,9 @@ class MoEBalance(SlimtuneCallback):
         self.bias_rate = None if bias_rate is None else check_number(bias_rate, "bias_rate", owner, 0)
         self.global_batch = check_bool(global_batch, "global_batch", owner)
         if builtin_aux not in BUILTIN_AUX:
+            hint = " (YAML reads a bare off as false: write \"off\")" if builtin_aux is False else ""
             raise SlimtuneError(f"MoEBalance builtin_aux={show(builtin_aux)} is not valid; valid: "
-                                f"{', '.join(BUILTIN_AUX)}")
+                                f"{', '.join(BUILTIN_AUX)}{hint}")
         if builtin_aux == "keep" and self.aux_coef > 0:
             raise SlimtuneError(f"MoEBalance builtin_aux='keep' with aux_coef={aux_coef!r} would count the Switch loss "
                                 "twice; valid: aux_coef=0 with 'keep', or builtin_aux='auto' / 'off'")
