@@ -43,7 +43,8 @@ def child(variant: str, steps: int, out: str, ppl_windows: int, data: str, seed:
     callbacks = CALLBACKS[variant]
     if ppl_windows:
         callbacks = callbacks[:-1] + ("," if callbacks != "[]" else "") + "perplexity_wikitext2]"
-    overrides = ["recipe=moe_upcycle_smollm2", f"model={model}", f"callbacks={callbacks}", f"output_dir={out}", f"seed={seed}",
+    overrides = ["recipe=moe_upcycle_smollm2", f"model={model}", f"callbacks={callbacks}", f"output_dir={out}",
+                 f"seed={seed}",
                  f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=1", f"data.path={data}", "export.merged=false", "export.adapter=false"]
     if ppl_windows:
@@ -52,7 +53,8 @@ def child(variant: str, steps: int, out: str, ppl_windows: int, data: str, seed:
     result = {"variant": variant, "steps": report["steps"], "cv_per_layer": report.get("moe_cv_per_layer"),
               "dead_experts": report.get("moe_dead_experts"), "aux_loss": report.get("moe_aux_loss"),
               "ppl_after": report.get("wikitext2_ppl_after"),
-              "tokens_per_s": report.get("train_tokens_per_s"), "seconds": report.get("seconds"), "report": {k: v for k, v in report.items() if "ppl" in k}}
+              "tokens_per_s": report.get("train_tokens_per_s"), "seconds": report.get("seconds"),
+              "report": {k: v for k, v in report.items() if "ppl" in k}}
     print(C.MARKER + json.dumps(result, default=str), flush=True)
 
 

@@ -126,8 +126,8 @@ def test_gradient_equals_hand_computed_summed_loss(checkpointing, tmp_path):
     expected, loads = hand_gradients(initial, batches, AUX, Z, SEQ)
     assert relative_error(grads.grads, expected) < 1e-5
     # the test can fail: without any one of the terms, or with transformers' own aux loss counted as well, it is off
-    for without in (hand_gradients(initial, batches, 0.0, Z, SEQ)[0], hand_gradients(initial, batches, AUX, 0.0, SEQ)[0],
-                    hand_gradients(initial, batches, AUX, Z, 0.0)[0]):
+    for coefs in ((0.0, Z, SEQ), (AUX, 0.0, SEQ), (AUX, Z, 0.0)):
+        without = hand_gradients(initial, batches, *coefs)[0]
         assert relative_error(grads.grads, without) > 1e-4
     # statistics of the step = the hand loads (padding excluded), whether or not the routers ran again in backward
     assert len(router_calls) == ACCUMULATE * (2 if checkpointing else 1)
@@ -259,10 +259,12 @@ def test_custom_router_collapse_warning_names_layer_and_experts(tmp_path):
         assert any("dead experts [2, 3]" in m for m in messages)  # named once they stayed starved 2 steps
         assert balance.last_dead == [[2, 3]] and balance.last_cv[0] == pytest.approx(1.0)
         # a declared count that does not match what the router returns: one line at the first step
-        for declared, message in (({"num_experts": 5, "top_k": 2}, r"router router returned logits for 4 experts but "
-                                                                    r"is declared with num_experts=5; valid: num_experts=4"),
-                                  ({"num_experts": 4, "top_k": 3}, r"router router chose 2 experts per token but is "
-                                                                   r"declared with top_k=3; valid: top_k=2")):
+        mismatches = (({"num_experts": 5, "top_k": 2},
+                       r"router router returned logits for 4 experts but is declared with num_experts=5; valid: "
+                       r"num_experts=4"),
+                      ({"num_experts": 4, "top_k": 3},
+                       r"router router chose 2 experts per token but is declared with top_k=3; valid: top_k=2"))
+        for declared, message in mismatches:
             register_router(ToyRouter, **declared)
             with pytest.raises(SlimtuneError, match=message):
                 trainer(tmp_path, [MoEBalance(heatmap=False)], max_steps=1).fit(ToyModule(ToyMoE([0.0] * 4)),

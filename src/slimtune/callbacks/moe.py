@@ -267,7 +267,10 @@ class MoEBalance(SlimtuneCallback):
                 step_loads, step_tokens = self.step_load.reduced()  # a collective: every rank, every micro-batch
             values = []
             for layer, ref, _, _, _, load, prob_sum, tokens in layers:
-                f_load, f_tokens = (step_loads[layer].float(), step_tokens[layer]) if self.global_batch else (load, tokens)
+                if self.global_batch:
+                    f_load, f_tokens = step_loads[layer].float(), step_tokens[layer]
+                else:
+                    f_load, f_tokens = load, tokens
                 values.append(switch_loss(f_load.to(prob_sum.device), f_tokens, prob_sum, tokens, ref.top_k))
             terms["aux"] = self.aux_coef * torch.stack(values).mean()
         if self.z_coef > 0:
@@ -278,8 +281,8 @@ class MoEBalance(SlimtuneCallback):
             terms["z"] = self.z_coef * torch.stack(values).mean()
         if self.seq_coef > 0:
             if sequences is None:
-                raise SlimtuneError("MoEBalance seq_coef > 0 needs the batch's sequences and found no 2-D tensor in the "
-                                    "batch; valid: a batch with input_ids / attention_mask (batch x sequence), or "
+                raise SlimtuneError("MoEBalance seq_coef > 0 needs the batch's sequences and found no 2-D tensor in "
+                                    "the batch; valid: a batch with input_ids / attention_mask (batch x sequence), or "
                                     "seq_coef=0")
             values = []
             for _, _, _, indices, probs, _, _, _ in layers:

@@ -6,13 +6,13 @@ for the flat tokens of a batch (the experts are fused 3-D parameters beside it),
 family scores (`softmax` of the logits, or DeepSeek-V3's `sigmoid`) and how it would choose with an extra per-expert
 bias (`rebias`: aux-loss-free balancing). The families of transformers 5.25:
 
-| family      | router class                                   | scores  | choosing with a bias                         |
-|-------------|------------------------------------------------|---------|----------------------------------------------|
-| Mixtral     | MixtralTopKRouter                              | softmax | top-k of probs + bias, weights renormalised   |
-| Qwen2/3-MoE | Qwen2MoeTopKRouter, Qwen3MoeTopKRouter         | softmax | same, renormalised when `norm_topk_prob`      |
-| OLMoE       | OlmoeTopKRouter                                | softmax | same as Qwen                                  |
-| GPT-OSS     | GptOssTopKRouter                               | softmax | top-k of logits + bias, softmax over the k    |
-| DeepSeek-V3 | DeepseekV3TopkRouter                           | sigmoid | its own `e_score_correction_bias` buffer      |
+| family      | router class                           | scores  | choosing with a bias                        |
+|-------------|----------------------------------------|---------|---------------------------------------------|
+| Mixtral     | MixtralTopKRouter                      | softmax | top-k of probs + bias, weights renormalised |
+| Qwen2/3-MoE | Qwen2MoeTopKRouter, Qwen3MoeTopKRouter | softmax | same, renormalised when `norm_topk_prob`    |
+| OLMoE       | OlmoeTopKRouter                        | softmax | same as Qwen                                |
+| GPT-OSS     | GptOssTopKRouter                       | softmax | top-k of logits + bias, softmax over the k  |
+| DeepSeek-V3 | DeepseekV3TopkRouter                   | sigmoid | its own `e_score_correction_bias` buffer    |
 
 DeepSeek-V3 already has the aux-loss-free bias in the model (a buffer saved with it), so the bias is written there
 and exported with the model; for the others it is applied by a forward hook that re-chooses from the logits.
@@ -70,8 +70,8 @@ class RouterRef:
         logits, indices = (self.adapter.read or _read_hf)(output)
         logits = logits.reshape(-1, logits.shape[-1])
         if logits.shape[-1] != self.num_experts:
-            raise SlimtuneError(f"router {self.name} returned logits for {logits.shape[-1]} experts but is declared with "
-                                f"num_experts={self.num_experts}; valid: num_experts={logits.shape[-1]}")
+            raise SlimtuneError(f"router {self.name} returned logits for {logits.shape[-1]} experts but is declared "
+                                f"with num_experts={self.num_experts}; valid: num_experts={logits.shape[-1]}")
         indices = indices.reshape(logits.shape[0], -1)
         if indices.shape[-1] != self.top_k:
             raise SlimtuneError(f"router {self.name} chose {indices.shape[-1]} experts per token but is declared with "

@@ -115,7 +115,8 @@ class DeadExperts:
         saved = state["low_steps"]
         if [t.numel() for t in saved] != [t.numel() for t in self.low_steps]:
             raise SlimtuneError(f"dead-expert state for experts per layer {[t.numel() for t in saved]} does not fit "
-                                f"this model's {[t.numel() for t in self.low_steps]}; valid: a checkpoint of this model")
+                                f"this model's {[t.numel() for t in self.low_steps]}; valid: a checkpoint of this "
+                                "model")
         self.low_steps = [t.clone().long() for t in saved]
 
 
