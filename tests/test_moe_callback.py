@@ -332,3 +332,31 @@ def test_heatmap_goes_to_wandb_as_a_table(tmp_path, monkeypatch):
     assert [row[0] for row in table["data"]] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert all(abs(sum(row[1:]) - 1) < 1e-5 for row in table["data"])  # each layer's mean shares
     assert (tmp_path / "hm" / "moe_heatmap.png").is_file()
+
+
+def test_qlora_mixtral_in_causal_lm_module_with_checkpointing(tmp_path):
+    """slimtune's own module and loader: NF4 attention (bitsandbytes), LoRA on attention, routers and fused experts,
+    gradient checkpointing, transformers' aux loss on in the config (coefficient 1) and turned off for the fit."""
+    from slimtune.lightning import CausalLMModule
+    from slimtune.models.loading import load_model
+
+    cfg = {"name_or_path": None, "dtype": "float32", "quantization": "nf4", "double_quant": True, "finetune": "lora",
+           "gradient_checkpointing": True,
+           "config": {"model_type": "mixtral", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
+                      "router_aux_loss_coef": 1.0},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "bias": "none"}}
+    model = load_model(cfg)
+    assert type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    balance = MoEBalance(aux_coef=0.01, bias_rate=0.01, heatmap=False)
+    t = trainer(tmp_path, [balance], max_steps=2)
+    t.fit(CausalLMModule(model, optimizer={"name": "adamw", "lr": 1e-3}), loader(token_batches(2)))
+    metrics = {k: float(v) for k, v in t.callback_metrics.items()}
+    # CausalLMModule logs its CE and the total: the total is CE + this callback's term, and the CE holds no
+    # transformers aux loss (with coefficient 1 it would add about top_k = 2 to a CE of about ln 256 = 5.5)
+    assert metrics["train/loss"] == pytest.approx(metrics["train/loss_ce"] + metrics["train/loss_aux"], rel=1e-6)
+    assert metrics["train/loss_ce"] < math.log(VOCAB) + 0.5
+    assert balance.steps == 2 and [r.name for r in balance.routers] == ["model.layers.0.mlp.gate",
+                                                                        "model.layers.1.mlp.gate"]
+    assert model.get_base_model().config.output_router_logits is True  # restored after the fit
