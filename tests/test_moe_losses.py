@@ -160,6 +160,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned processes each import torch: 10-25 s on 2 busy cores
 def test_step_load_all_reduces_over_two_gloo_ranks(tmp_path):
     from moe_rank_worker import E as WORKER_E
     from moe_rank_worker import TOKENS, indices_of_rank, rank_main
