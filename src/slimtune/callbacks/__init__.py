@@ -2,8 +2,10 @@
 
 from slimtune.callbacks.compression_stats import CompressionStats
 from slimtune.callbacks.distillation import Distillation
+from slimtune.callbacks.moe import MoEBalance
 from slimtune.callbacks.outliers import ActivationOutlierMonitor
 from slimtune.callbacks.perplexity import PerplexityEvaluation
 from slimtune.callbacks.ptq import PostTrainingQuantization
 
-__all__ = ["ActivationOutlierMonitor", "CompressionStats", "Distillation", "PerplexityEvaluation", "PostTrainingQuantization"]
+__all__ = ["ActivationOutlierMonitor", "CompressionStats", "Distillation", "MoEBalance", "PerplexityEvaluation",
+           "PostTrainingQuantization"]

@@ -176,8 +176,36 @@ def bnb_config(model_cfg):
     )
 
 
+def upcycle_settings(model_cfg) -> dict | None:
+    """`model.upcycle` ({num_experts, top_k, noise, seed}) checked, or None: the dense model is loaded, then turned
+    into a Mixtral-style MoE model by `slimtune.moe.upcycle` before quantization and adapters."""
+    settings = _get(model_cfg, "upcycle")
+    if settings is None:
+        return None
+    settings = dict(settings)
+    valid = {"num_experts", "top_k", "noise", "seed"}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise SlimtuneError(f"model.upcycle.{unknown[0]} is not a setting; valid: {', '.join(sorted(valid))}")
+    if quantization_of(model_cfg) != "none":
+        raise SlimtuneError(f"model.upcycle with model.quantization={quantization_of(model_cfg)!r} is not supported "
+                            "(the dense model is upcycled in full precision); valid: model.quantization=none")
+    return settings
+
+
 def load_config(model_cfg):
-    """The transformers config of a model, without downloading weights (bundled copies for the known hub recipes)."""
+    """The transformers config of a model, without downloading weights (bundled copies for the known hub recipes);
+    with `model.upcycle`, the config of the MoE model it becomes."""
+    config = _dense_config(model_cfg)
+    settings = upcycle_settings(model_cfg)
+    if settings is None:
+        return config
+    from slimtune.moe.upcycle import mixtral_config_from_dense
+
+    return mixtral_config_from_dense(config, int(settings.get("num_experts", 4)), int(settings.get("top_k", 2)))
+
+
+def _dense_config(model_cfg):
     from transformers import AutoConfig
 
     config = _get(model_cfg, "config")
@@ -275,7 +303,7 @@ def load_base_model(model_cfg, device: str | torch.device | None = None):
     quant = quantization_of(model_cfg)
     trust = bool(_get(model_cfg, "trust_remote_code", False))
     if source.kind == "config":
-        model = AutoModelForCausalLM.from_config(load_config(model_cfg), dtype=dtype, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_config(_dense_config(model_cfg), dtype=dtype, trust_remote_code=trust)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
         if _get(model_cfg, "revision"):
@@ -290,6 +318,11 @@ def load_base_model(model_cfg, device: str | torch.device | None = None):
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         except OSError as err:
             raise SlimtuneError(f"model {source.path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+    settings = upcycle_settings(model_cfg)
+    if settings is not None:
+        from slimtune.moe.upcycle import upcycle_to_mixtral
+
+        model = upcycle_to_mixtral(model, **settings)
     if device is not None and quant == "none":
         model = model.to(device)
     if quant != "none" and source.kind in ("gguf", "config"):

@@ -44,6 +44,10 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
     base = _base_of(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
+        if type(module).__name__ == "ParamWrapper":
+            if not any(type(parent).__name__ == "ParamWrapper" for parent in _ancestors(base, name)):
+                state.update(_merged_parameters(name, module, dtype))
+            continue
         if isinstance(module, LoraLayer):
             weight = dequantized_weight(module.get_base_layer())
             for adapter in module.active_adapters:
@@ -67,6 +71,25 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
             if tensor is None:
                 continue
             state[f"{name}.{key}" if name else key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+    return state
+
+
+def _merged_parameters(name: str, wrapper: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA on parameters (`target_parameters`, and what all-linear adds on MoE models: a router's weight, the
+    fused 3-D expert weights): one ParamWrapper per parameter, nested when a module has several. Each parameter of
+    the innermost module plus its wrapper's delta, the module's other tensors as they are."""
+    deltas: dict[str, torch.Tensor] = {}
+    module = wrapper
+    while type(module).__name__ == "ParamWrapper":
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                delta = module.get_delta_weight(adapter).float()
+                deltas[module.parameter_name] = deltas.get(module.parameter_name, 0) + delta
+        module = module.base_layer
+    state = {}
+    for key, tensor in (dict(module.named_parameters()) | dict(module.named_buffers())).items():
+        value = tensor.detach().float() + deltas[key] if key in deltas else tensor.detach()
+        state[f"{name}.{key}"] = value.to(dtype) if value.is_floating_point() else value
     return state
 
 
