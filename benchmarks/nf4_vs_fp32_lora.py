@@ -118,6 +118,9 @@ def main() -> None:
     p.add_argument("--out", default=str(C.RESULTS / "nf4_vs_fp32_lora.json"))
     p.add_argument("--variants", default="fp32,nf4,gptq_nf4",
                    help="comma-separated; variants not run keep their result from --out (same settings); '' runs none")
+    p.add_argument("--collect", action="store_true",
+                   help="take each variant's result from its log of an earlier invocation with this --out (an "
+                        "invocation stopped after its children finished) instead of running it")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="add the runs of other result files with the same settings (variants run in parallel)")
     args = p.parse_args()
@@ -148,9 +151,14 @@ def main() -> None:
                "--val-every", str(args.val_every), "--seed", str(args.seed), "--data", args.data,
                "--calib", str(args.calib), "--calib-len", str(args.calib_len)]
         log = log_dir / f"{Path(args.out).stem}_{variant}.log"
-        with open(log, "w") as fh:
-            rc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, cwd=str(C.ROOT)).returncode
-        result = C.parse_emitted(log.read_text())
+        if args.collect:
+            rc = 0 if log.is_file() else 1
+        else:
+            with open(log, "w") as fh:
+                rc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, cwd=str(C.ROOT)).returncode
+        result = C.parse_emitted(log.read_text()) if log.is_file() else None
+        if result is not None and result.get("overrides") != overrides(args, variant, "")[:-1] + [result["overrides"][-1]]:
+            raise SystemExit(f"{log} holds a run with other settings")
         if rc != 0 or result is None:
             raise SystemExit(f"{variant} failed (exit {rc}); see {log}")
         runs[variant] = result
