@@ -153,8 +153,10 @@ def test_clipping_shrinks_weights_after_the_scales_and_leaves_q_k_alone():
     spec = QuantSpec(3, 32, symmetric=True)
     plain, clipped = tiny(), tiny()
     awq_model(plain, ids(4, n=2), spec)
-    awq_model(clipped, ids(4, n=2), spec, clip=True)  # same scales (clipping comes after the search)
-    for name, p in plain.named_parameters():
+    awq_model(clipped, ids(4, n=2), spec, clip=True)
+    for name, p in plain.named_parameters():  # block 0: same inputs, so the same scales; clipping comes after them
+        if not name.startswith("model.layers.0."):
+            continue
         c = clipped.get_parameter(name)
         if name.endswith(("q_proj.weight", "k_proj.weight")) or "norm" in name or "embed" in name:
             assert torch.equal(p, c), name
