@@ -498,6 +498,10 @@ class PostTrainingQuantization(SlimtuneCallback):
         keep = bool(lorc)
         # the quantizers mark the model for PEFT's 4-bit dispatch; the base of an existing PEFT model stays as it was
         had_flag = "is_loaded_in_4bit" in vars(base)
+        if self.method in FOLDING:  # a layout without fold positions is refused before calibrating
+            from slimtune.quant.folds import fold_table_for
+
+            fold_table_for(base, "SmoothQuant" if self.method == "smoothquant" else "AWQ")
         changed: list[str] = []
         with adapters_disabled(base):
             if self.method in FOLDING:
