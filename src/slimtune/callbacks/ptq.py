@@ -1,4 +1,5 @@
-"""Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4) of the frozen base, with LoRC-initialised LoRA, before fine-tuning.
+"""Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4, AWQ, AWQ+GPTQ, SmoothQuant W8A8) of the frozen base, with
+LoRC-initialised LoRA, before fine-tuning.
 
 `PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`model=`, else `pl_module.model`,
 else its only transformers / PEFT model; see `slimtune.callbacks._base.resolve_model`): a PEFT LoRA model (LoRA layers
@@ -14,6 +15,14 @@ wrapping `nn.Linear` base layers) or a plain transformers model with frozen line
    each 4-bit code chosen by GPTQ's error feedback, so the base is a QLoRA base that starts closer to the float model).
    In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
    adapters (and the optimizer that holds them) are untouched.
+   AWQ (`awq`, `awq_gptq`; `slimtune.quant.awq`): per-input-channel scales searched on the calibration activations
+   and folded into the norm or linear before each group of layers (`slimtune.quant.folds`), then RTN or GPTQ of the
+   scaled weights. SmoothQuant (`smoothquant`; `slimtune.quant.smoothquant`): outliers migrated into the weights with
+   strength `alpha` (folded the same way), then `W8A8Linear` layers (8-bit per-channel weights, 8-bit per-token
+   activations); the report carries the outlier monitor's largest max/median |x| ratio at the targets' inputs over the
+   calibration set before and after smoothing (`ptq_outlier_ratio_before` / `_after`). Folding changes float tensors
+   (norm gains, producer linears that are not targets): the state carries them too (`float_params`), and with LoRA the
+   adapters read the scaled inputs (LoRC reconstructs the scaled weights), which is the same function.
 3. LoRC (`lorc_rank` > 0): the LoRA factors of every wrapped layer are set to the rank-`lorc_rank` truncated SVD of
    `E = W - dequant(Q(W))`, with B divided by PEFT's scaling (alpha / r) so that `scaling * B @ A ~= E` and the layer
    computes `(Q + B A) x ~= W x` at step 0. `lorc_iters` > 1 alternates LoftQ-style (re-quantize `W - B A` with RTN /
@@ -135,6 +144,12 @@ class PostTrainingQuantization(SlimtuneCallback):
         progress: progress bars over blocks / layers. verbose: print one line when the base is quantized or restored.
         model: the model to quantize: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
             holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
+        alpha: AWQ: null (the grid 0, 1/n_grid, ..., (n_grid-1)/n_grid) or floats in [0, 1] to search; SmoothQuant:
+            the migration strength in [0, 1] (null: 0.5). Not used by the other methods (refused).
+        n_grid: AWQ grid size. duo_scaling: AWQ scales mean|x|^a / mean|w|^(1-a). clip: AWQ weight clipping search
+            (not q/k). max_search_tokens: AWQ scores each alpha on at most this many calibration tokens.
+        int8_matmul: SmoothQuant layers compute inference forwards with `torch._int_mm` (int8 x int8 -> int32).
+        SmoothQuant takes bits=8 and group_size=null (per output channel); its grids are symmetric.
     """
 
     run_order = 10
