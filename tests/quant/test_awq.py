@@ -189,3 +189,12 @@ def test_refusals_are_one_line():
         awq_model(tiny(), ids(4, n=1), spec, max_search_tokens=0)
     with pytest.raises(SlimtuneError, match="method='nf4' is not valid; valid: rtn, gptq"):
         quantize_model_awq(tiny(), ids(4, n=1), spec, method="nf4")
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, True), (48, False), (None, True)])
+def test_vectorised_search_quantizer_equals_the_grid_module(group_size, symmetric):
+    from slimtune.quant.awq import _fake_quantize_2d
+
+    w = torch.randn(24, 80, generator=torch.Generator().manual_seed(7))
+    spec = QuantSpec(3, group_size, symmetric)
+    torch.testing.assert_close(_fake_quantize_2d(w, spec), fake_quantize(w, spec), rtol=0, atol=1e-6)

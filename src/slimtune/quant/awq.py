@@ -66,12 +66,18 @@ class AWQSearch:
     errors: dict[float, float] = field(default_factory=dict)
 
 
-def _output_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor) -> float:
-    """Mean squared difference of ``x @ w_ref.T`` and ``x @ w_new.T``, i.e. of ``x @ (w_ref - w_new).T``."""
-    diff = (w_ref - w_new).T
+def _output_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """Mean squared difference of ``x @ w_ref.T`` and ``x @ w_new.T``, i.e. of ``x @ (w_ref - w_new).T``.
+
+    With ``gram = x.T @ x`` it is ``sum((D @ gram) * D) / (tokens * out)`` for ``D = w_ref - w_new``: the same number
+    at ``in / tokens`` of the cost, which is what makes a grid search over many tokens affordable.
+    """
+    diff = w_ref - w_new
+    if gram is not None:
+        return float(((diff @ gram) * diff).sum()) / (x.shape[0] * w_ref.shape[0])
     total = 0.0
     for start in range(0, x.shape[0], _TOKEN_CHUNK):
-        total += float((x[start:start + _TOKEN_CHUNK] @ diff).square().sum())
+        total += float((x[start:start + _TOKEN_CHUNK] @ diff.T).square().sum())
     return total / (x.shape[0] * w_ref.shape[0])
 
 
@@ -127,6 +133,7 @@ def awq_search_scales(
         return out / torch.bincount(idx, minlength=width).to(per_channel.dtype)
 
     x_mean = to_width(x.abs().mean(dim=0))
+    gram = x.T @ x if x.shape[0] > n_in else None
     w_mean = to_width(_normalised_weight_mean(W, spec)) if duo_scaling else None
     errors: dict[float, float] = {}
     best: tuple[float, float, torch.Tensor] | None = None
@@ -137,12 +144,12 @@ def awq_search_scales(
             s = x_mean.pow(a).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         col = s if idx is None else s[idx]
-        deq = fake_quantize(W * col, spec) / col
-        err = _output_error(x, W, deq)
+        deq = _fake_quantize_2d(W * col, spec) / col
+        err = _output_error(x, W, deq, gram)
         errors[a] = err
         if best is None or err < best[0]:
             best = (err, a, s)
-    rtn_error = errors[0.0] if 0.0 in errors else _output_error(x, W, fake_quantize(W, spec))
+    rtn_error = errors[0.0] if 0.0 in errors else _output_error(x, W, _fake_quantize_2d(W, spec), gram)
     return AWQSearch(scales=best[2], alpha=best[1], error=best[0], rtn_error=rtn_error, errors=errors)
 
 
@@ -151,6 +158,17 @@ def _fake_quant_groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     scale, zero = qparams_from_range(w.amin(dim=-1), w.amax(dim=-1), spec)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
     return (torch.clamp(torch.round(w / scale) + zero, 0, spec.maxq) - zero) * scale
+
+
+def _fake_quantize_2d(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """:func:`~slimtune.quant.grid.fake_quantize` of ``w [out, in]`` in one vectorised pass over all groups (a ragged
+    last group is zero-padded: zeros are inside every group's range already, so no grid changes)."""
+    n_out, n_in = w.shape
+    gs = n_in if spec.group_size is None else spec.group_size
+    n_groups = math.ceil(n_in / gs)
+    pad = n_groups * gs - n_in
+    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    return _fake_quant_groups(wp.reshape(n_out, n_groups, gs), spec).reshape(n_out, -1)[:, :n_in]
 
 
 @torch.no_grad()
