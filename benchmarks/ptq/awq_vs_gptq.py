@@ -68,7 +68,7 @@ def main() -> None:
     for tag, cmd in configs:
         if only and tag not in only:
             continue
-        runs[tag] = finish(start(tag, cmd, WORK / f"{tag}.json", log_dir), log_dir)
+        runs[tag] = finish(start(tag, cmd + ["--out", str(WORK / f"{tag}.json")], WORK / f"{tag}.json", log_dir), log_dir)
         write(out, data, runs, args)
     write(out, data, runs, args)
 

@@ -100,3 +100,20 @@ def test_smoothing_before_w8a8_lowers_the_error_on_outlier_activations():
     plain_err = (logits(plain, evals) - reference).square().mean()
     smooth_err = (logits(smoothed, evals) - reference).square().mean()
     assert smooth_err < 0.5 * plain_err, (float(smooth_err), float(plain_err))
+
+
+def test_w8a8_layers_survive_save_and_load_and_compressed_tensors_refuses_them(tmp_path):
+    from slimtune.quant import load_quantized, save_quantized
+    from slimtune.quant.compressed_tensors import save_compressed_tensors
+
+    model = tiny()
+    smooth_model(model, ids(4, n=1))
+    quantize_model_w8a8(model, int8_matmul=True)
+    folder = save_quantized(model, tmp_path / "q")
+    back = load_quantized(folder)
+    layer = back.model.layers[0].self_attn.v_proj
+    assert isinstance(layer, W8A8Linear) and layer.int8_matmul
+    evals = ids(5)
+    assert torch.equal(logits(back, evals), logits(model, evals))
+    with pytest.raises(SlimtuneError, match="quantizes its activations too"):
+        save_compressed_tensors(model, tmp_path / "ct")
