@@ -33,6 +33,8 @@ __all__ = ["AWQResult", "AWQSearch", "awq_clip_ranges", "awq_model", "awq_search
 
 # Rows of x per matmul while measuring the output error: bounds memory at (chunk x out) floats.
 _TOKEN_CHUNK = 4096
+# Calibration rows the clipping search scores on (the reference's 512).
+_CLIP_TOKENS = 512
 
 
 def check_alphas(alphas: Any, what: str = "alphas") -> tuple[float, ...]:
@@ -292,8 +294,12 @@ def awq_model(
     base = base_model(model)
     result = AWQResult(originals={} if keep_original else None)
 
+    from slimtune.quant.folds import apply_fold
+
     def work(bw) -> None:
-        for fold, names, x in zip(bw.folds, bw.targets, bw.inputs):
+        clip_inputs = []
+        for fold, names, captured in zip(bw.folds, bw.targets, bw.inputs):
+            x = captured.float()
             xs = x if max_search_tokens is None or x.shape[0] <= max_search_tokens else \
                 x[:: x.shape[0] // max_search_tokens][:max_search_tokens]
             layers = [fold.layers[fold.names.index(n)] for n in names]
@@ -301,28 +307,27 @@ def awq_model(
                                       width=fold.width, duo_scaling=duo_scaling)
             if xs is not x:  # the statistic over all rows, the exponent from the search
                 found.scales = _scales_for(x, fold, found.alpha, duo_scaling, layers, spec)
-            from slimtune.quant.folds import apply_fold
-
             apply_fold(fold, found.scales)
             key = f"{bw.prefix}{fold.prev_name} -> {', '.join(fold.names)}"
             result.alphas[key] = found.alpha
             result.errors[key] = (found.error, found.rtn_error)
-            # later folds read the divided tensor (a linear producer's output feeds only its fold's layers)
-            col = fold.layer_scales(found.scales.to(x.device))
-            x.div_(col)
+            if clip:  # the clipping search reads the scaled inputs, on a few hundred tokens
+                step = max(1, x.shape[0] // _CLIP_TOKENS)
+                clip_inputs.append(x[::step][:_CLIP_TOKENS] / fold.layer_scales(found.scales.to(x.device)))
+            del x, xs
         bw.verify()
         if result.originals is not None:
             for fold, names in zip(bw.folds, bw.targets):
                 for n in names:
-                    result.originals[_path_of(base, bw.block, fold.layers[fold.names.index(n)])] = \
-                        fold.layers[fold.names.index(n)].weight.detach().to("cpu", copy=True)
+                    layer = fold.layers[fold.names.index(n)]
+                    result.originals[_path_of(base, layer)] = layer.weight.detach().to("cpu", copy=True)
         if clip:
-            for fold, names, x in zip(bw.folds, bw.targets, bw.inputs):
+            for fold, names, x in zip(bw.folds, bw.targets, clip_inputs):
                 for n in names:
                     if n.rpartition(".")[2] in _NO_CLIP:
                         continue
                     layer = fold.layers[fold.names.index(n)]
-                    _clip_weight(layer, awq_clip_ranges(x, layer.weight, spec), spec)
+                    _clip_weight(layer, awq_clip_ranges(x, layer.weight, spec, n_tokens=_CLIP_TOKENS), spec)
 
     touched = walk_fold_blocks(base, calib_batches, targets, exclude, "AWQ", work,
                                device=device, progress=progress)
@@ -342,7 +347,7 @@ def _scales_for(x, fold, alpha, duo_scaling, layers, spec) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _path_of(root: nn.Module, block: nn.Module, layer: nn.Module) -> str:
+def _path_of(root: nn.Module, layer: nn.Module) -> str:
     for name, m in root.named_modules():
         if m is layer:
             return name

@@ -213,7 +213,8 @@ class BlockWork:
         block: the decoder block.
         folds: the usable folds whose layers include a target.
         targets: target layer names (relative to the block) per fold, in fold order.
-        inputs: each fold's calibration input ``[tokens, in_features]`` (float32, on the compute device).
+        inputs: each fold's calibration input ``[tokens, in_features]`` (in the block's dtype, on the compute device;
+            a method takes a float32 copy of one fold at a time, which bounds the memory a large model needs).
         device: where the block computes.
         verify: call after folding (before any change that is meant to alter the function, such as clipping): raises
             when the block's output on the first batch moved beyond floating-point tolerance.
@@ -310,7 +311,7 @@ def walk_fold_blocks(model: nn.Module, batches, targets, exclude, method: str, w
                 fired: set[int] = set()
 
                 def hook(mod, inp, out, k):
-                    captured[k].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float())
+                    captured[k].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
                     fired.add(k)
                     if len(fired) == len(folds):
                         raise _StopForward

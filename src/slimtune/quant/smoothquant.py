@@ -143,7 +143,7 @@ def smooth_model(
 
     def work(bw) -> None:
         for fold, x in zip(bw.folds, bw.inputs):
-            act_max = fold.reduce(x.abs().amax(dim=0), "max")
+            act_max = fold.reduce(x.abs().amax(dim=0).float(), "max")
             w_cols = torch.cat([m.weight.detach().float().to(x.device) for m in fold.layers]).abs().amax(dim=0)
             s = smooth_scales(act_max, fold.reduce(w_cols, "max"), alpha)
             apply_fold(fold, s)
