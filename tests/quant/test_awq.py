@@ -27,7 +27,13 @@ def tiny(kind="llama", seed=0, outliers=True):
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(seed)
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    if kind in ("gemma", "gemma2"):
+        from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+        config_cls, model_cls = (GemmaConfig, GemmaForCausalLM) if kind == "gemma" else (Gemma2Config, Gemma2ForCausalLM)
+        model = model_cls(config_cls(**common, head_dim=16))
+    else:
+        model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
     model.eval()
     if outliers:  # a few input channels dwarf the rest, as in trained LLMs
         with torch.no_grad():
@@ -47,17 +53,18 @@ def logits(model, batches):
         return torch.cat([model(b).logits for b in batches])
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma", "gemma2"])
 def test_folding_any_scales_keeps_full_precision_logits(kind):
     model = tiny(kind)
     probe = ids(1, n=1)
     before = logits(model, probe)
     g = torch.Generator().manual_seed(2)
     n_folds = 0
+    mlp_norm = "pre_feedforward_layernorm" if kind == "gemma2" else "post_attention_layernorm"
     for block in model.model.layers:
         folds = resolve_folds(block, FOLD_TABLES[kind])
-        assert [f.prev_name for f in folds] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
-                                                "mlp.up_proj"]
+        assert [f.prev_name for f in folds] == ["input_layernorm", "self_attn.v_proj", mlp_norm, "mlp.up_proj"]
+        assert folds[0].norm_offset == (1.0 if kind.startswith("gemma") else 0.0)
         for f in folds:
             apply_fold(f, torch.rand(f.width, generator=g) * 4 + 0.25)
             n_folds += 1
