@@ -84,8 +84,9 @@ def test_resume_restores_the_quantized_base_and_folded_scales_without_calibratin
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert report["eval_ppl_after"] == pytest.approx(straight_report["eval_ppl_after"], rel=1e-4)
-    if method == "smoothquant":  # the outlier monitor's figures, before and after smoothing
+    if method == "smoothquant":  # the outlier monitor's figures, before and after smoothing, also after a resume
         assert straight_report["ptq_outlier_ratio_after"] < straight_report["ptq_outlier_ratio_before"]
+        assert report["ptq_outlier_ratio_after"] == straight_report["ptq_outlier_ratio_after"]
 
 
 def test_smoothquant_run_quantizes_weights_and_activations_and_exports(tmp_path, text_file):
@@ -127,6 +128,9 @@ def test_awq_refuses_a_block_layout_it_cannot_fold_into(tiny_tokenizer):
     ({"method": "awq", "n_grid": 0}, "n_grid=0 is not valid; valid: an int >= 1"),
     ({"method": "awq", "max_search_tokens": 0}, "max_search_tokens=0 is not valid"),
     ({"method": "awq", "clip": "yes"}, "clip='yes' is not valid; valid: true, false"),
+    ({"method": "gptq", "clip": True}, "clip=True is not valid with method=gptq; valid: its default"),
+    ({"method": "smoothquant", "bits": 8, "group_size": None, "n_grid": 10}, "n_grid=10 is not valid with method=smoothquant"),
+    ({"method": "awq", "int8_matmul": True}, "int8_matmul=True is not valid with method=awq"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, message):
     with pytest.raises(SlimtuneError) as err:

@@ -233,6 +233,13 @@ class PostTrainingQuantization(SlimtuneCallback):
             raise SlimtuneError(f"PostTrainingQuantization max_search_tokens={show(max_search_tokens)} is not valid; "
                                 "valid: null or a positive int")
         self.alpha = self._check_alpha(method, alpha)
+        unused = [f"{k}={show(v)}" for k, v, default, used in (
+            ("n_grid", n_grid, 20, AWQ_METHODS), ("duo_scaling", duo_scaling, False, AWQ_METHODS),
+            ("clip", clip, False, AWQ_METHODS), ("max_search_tokens", max_search_tokens, None, AWQ_METHODS),
+            ("int8_matmul", int8_matmul, False, ("smoothquant",))) if v != default and method not in used]
+        if unused:
+            raise SlimtuneError(f"PostTrainingQuantization {unused[0]} is not valid with method={method}; valid: its "
+                                "default (it is an AWQ setting, int8_matmul a SmoothQuant one)")
         if not _is_int(seed):
             raise SlimtuneError(f"PostTrainingQuantization seed={show(seed)} is not valid; valid: an int")
         if lorc_rank is not None and (not _is_int(lorc_rank) or lorc_rank < 0):
@@ -568,6 +575,8 @@ class PostTrainingQuantization(SlimtuneCallback):
             "settings": self.settings(),
             "layers": {t.path: layer_state(base.get_submodule(t.path)) for t in targets},
         }
+        if self.fold_summary:
+            self._state["summary"] = dict(self.fold_summary)
         if changed:  # norm gains / producer linears the scales were folded into: the base is not the pretrained one
             self._state["float_params"] = {n: base.get_parameter(n).detach().to("cpu", copy=True) for n in changed}
         self._applied_to = id(model)
@@ -673,6 +682,7 @@ class PostTrainingQuantization(SlimtuneCallback):
                                     f"is {tuple(param.shape)}; valid: the same model")
             param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
         self.n_layers = len(state["layers"])
+        self.fold_summary = dict(state.get("summary") or {})
         self._applied_to = id(model)
         if self.verbose if verbose is None else verbose:
             print(f"[slimtune] restored {self.n_layers} quantized layers from the checkpoint (no calibration)")
