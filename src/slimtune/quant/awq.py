@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.quant.grid import QuantSpec, fake_quantize, qparams_from_range
+from slimtune.quant.grid import QuantSpec, qparams_from_range
 
 __all__ = ["AWQResult", "AWQSearch", "awq_clip_ranges", "awq_model", "awq_search_scales", "check_alphas",
            "quantize_model_awq"]
