@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     parser.add_argument("--smoothquant-alpha", type=float, default=0.5)
     parser.add_argument("--only", default=None, help="comma-separated config tags to run (default: all)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="collect a configuration's worker JSON from a previous (or concurrent) invocation "
+                             "instead of running it again, where one exists")
     parser.add_argument("--out", default=str(RESULTS / "awq_vs_gptq.json"))
     add_data_dir(parser)
     args = parser.parse_args()
@@ -68,7 +71,12 @@ def main() -> None:
     for tag, cmd in configs:
         if only and tag not in only:
             continue
-        runs[tag] = finish(start(tag, cmd + ["--out", str(WORK / f"{tag}.json")], WORK / f"{tag}.json", log_dir), log_dir)
+        done = WORK / f"{tag}.json"
+        if args.reuse and done.exists():
+            runs[tag] = json.loads(done.read_text())
+            print(f"reused {tag}: ppl {runs[tag].get('ppl')}", flush=True)
+        else:
+            runs[tag] = finish(start(tag, cmd + ["--out", str(done)], done, log_dir), log_dir)
         write(out, data, runs, args)
     write(out, data, runs, args)
 
