@@ -219,7 +219,7 @@ def test_rtn_in_your_own_trainer_measures_each_moment_and_exports(package, tiny_
 @pytest.mark.parametrize("kwargs, message", [
     ({"bits": 5}, "bits=5 is not valid; valid: 2, 3, 4, 8"),
     ({"group_size": 0}, "group_size=0 is not valid; valid: a positive int or null"),
-    ({"method": "awq"}, "method='awq' is not valid; valid: rtn, gptq, nf4, gptq_nf4"),
+    ({"method": "hqq"}, "method='hqq' is not valid; valid: rtn, gptq, nf4, gptq_nf4, awq, awq_gptq, smoothquant"),
     ({"method": "nf4", "bits": 3}, "bits=3 is not valid with method=nf4; valid: 4"),
     ({"method": "gptq_nf4", "bits": 8}, "bits=8 is not valid with method=gptq_nf4; valid: 4"),
     ({"method": "gptq_nf4", "group_size": 48}, "group_size=48 is not an NF4 block size; valid: 32, 64, 128"),

@@ -5,7 +5,8 @@
 
 Methods: fp (no quantization), gptq (quantize_model_gptq, damp 0.01, block 128, act_order off unless --act-order,
 lm_head kept),
-rtn (quantize_model_rtn). Writes a JSON with load / quantization / evaluation seconds, perplexity and stored bits.
+rtn (quantize_model_rtn), awq / awq_gptq (quantize_model_awq: AWQ scales, then RTN / GPTQ with the GPTQ settings
+above), smoothquant (smooth_model with --alpha, then W8A8 layers; --bits/--group ignored). Writes a JSON with load / quantization / evaluation seconds, perplexity and stored bits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main() -> None:
     started = time.perf_counter()
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
-    parser.add_argument("--method", choices=("fp", "gptq", "rtn"), required=True)
+    parser.add_argument("--method", choices=("fp", "gptq", "rtn", "awq", "awq_gptq", "smoothquant"), required=True)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=64, help="group size; 0 = per output channel")
     parser.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
@@ -42,6 +43,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--calib-batch", type=int, default=8)
     parser.add_argument("--true-sequential", action="store_true", help="calibrate q/k/v -> o -> gate/up -> down in turn")
+    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    parser.add_argument("--duo-scaling", action="store_true", help="AWQ: s = mean|x|^a / mean|w|^(1-a)")
+    parser.add_argument("--clip", action="store_true", help="AWQ: also search weight clipping ranges")
+    parser.add_argument("--max-search-tokens", type=int, default=None, help="AWQ: score alphas on this many tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export-dir", default=None, help="keep the save_quantized export here")
     parser.add_argument("--out", required=True)
@@ -62,6 +67,10 @@ def main() -> None:
 
     if args.method != "fp":
         spec = QuantSpec(bits=args.bits, group_size=args.group or None, symmetric=not args.asym)
+        if args.method == "smoothquant":
+            from slimtune.quant.smoothquant import W8A8_SPEC
+
+            spec = W8A8_SPEC
         result.update(bits=args.bits, group_size=args.group, symmetric=spec.symmetric)
         calib = list(data["calib"].split(args.calib_batch))
         cpu0 = time.process_time()
@@ -69,11 +78,28 @@ def main() -> None:
             if args.method == "gptq":
                 quantize_model_gptq(model, calib, spec, damp=args.damp, block_size=args.block_size, act_order=args.act_order,
                                     true_sequential=args.true_sequential, progress=False)
+            elif args.method in ("awq", "awq_gptq"):
+                from slimtune.quant import quantize_model_awq
+
+                gptq = {"damp": args.damp, "block_size": args.block_size, "act_order": args.act_order,
+                        "true_sequential": args.true_sequential} if args.method == "awq_gptq" else {}
+                awq = quantize_model_awq(model, calib, spec, method="gptq" if gptq else "rtn",
+                                         duo_scaling=args.duo_scaling, clip=args.clip,
+                                         max_search_tokens=args.max_search_tokens, **gptq)
+                alphas = list(awq.alphas.values())
+                result.update(awq_mean_alpha=sum(alphas) / len(alphas), duo_scaling=args.duo_scaling, clip=args.clip,
+                              awq_search_error_vs_rtn=sum(a / r for a, r in awq.errors.values()) / len(awq.errors))
+            elif args.method == "smoothquant":
+                from slimtune.quant.smoothquant import quantize_model_w8a8, smooth_model
+
+                smooth_model(model, calib, alpha=args.alpha)
+                quantize_model_w8a8(model)
+                result.update(alpha=args.alpha, activations="int8 per token (fake-quantized)")
             else:
                 quantize_model_rtn(model, spec)
         result["quant_s"] = t_quant.seconds
         result["quant_cpu_s"] = time.process_time() - cpu0  # all threads of this process
-        if args.method == "gptq":
+        if args.method in ("gptq", "awq_gptq"):
             result.update(damp=args.damp, block_size=args.block_size, act_order=args.act_order,
                           true_sequential=args.true_sequential,
                           calibration=f"{data['calib'].shape[0]} x {data['calib'].shape[1]}, batches of {args.calib_batch}")

@@ -258,7 +258,9 @@ class ActivationOutlierMonitor(SlimtuneCallback):
                 f"{r['layer']} (max/median {r['max_median_ratio']:.0f}, {100 * r['outlier_share']:.1f}% channels "
                 f"> {self.threshold:g}, top channel {r['top_channel']})" for r in new[:10])
             more = f"; and {len(new) - 10} more" if len(new) > 10 else ""
-            _warn(f"activation outliers: {len(new)} layer(s) at risk for quantization: {described}{more}",
+            _warn(f"activation outliers: {len(new)} layer(s) at risk for quantization: {described}{more}; "
+                  "activation-aware quantization moves such outliers into the weights: PostTrainingQuantization "
+                  "method=awq or awq_gptq (weight-only), or method=smoothquant (8-bit weights and activations)",
                   self._in_trainer)
             self.warned.update(r["layer"] for r in new)
         return [row["layer"] for row in risky]

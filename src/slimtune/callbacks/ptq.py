@@ -1,4 +1,5 @@
-"""Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4) of the frozen base, with LoRC-initialised LoRA, before fine-tuning.
+"""Post-training quantization (RTN, GPTQ, NF4, GPTQ-NF4, AWQ, AWQ+GPTQ, SmoothQuant W8A8) of the frozen base, with
+LoRC-initialised LoRA, before fine-tuning.
 
 `PostTrainingQuantization` runs at fit start, on the model the LightningModule holds (`model=`, else `pl_module.model`,
 else its only transformers / PEFT model; see `slimtune.callbacks._base.resolve_model`): a PEFT LoRA model (LoRA layers
@@ -14,6 +15,14 @@ wrapping `nn.Linear` base layers) or a plain transformers model with frozen line
    each 4-bit code chosen by GPTQ's error feedback, so the base is a QLoRA base that starts closer to the float model).
    In a PEFT model the LoRA layer stays and only its `base_layer` changes, so the
    adapters (and the optimizer that holds them) are untouched.
+   AWQ (`awq`, `awq_gptq`; `slimtune.quant.awq`): per-input-channel scales searched on the calibration activations
+   and folded into the norm or linear before each group of layers (`slimtune.quant.folds`), then RTN or GPTQ of the
+   scaled weights. SmoothQuant (`smoothquant`; `slimtune.quant.smoothquant`): outliers migrated into the weights with
+   strength `alpha` (folded the same way), then `W8A8Linear` layers (8-bit per-channel weights, 8-bit per-token
+   activations); the report carries the outlier monitor's largest max/median |x| ratio at the targets' inputs over the
+   calibration set before and after smoothing (`ptq_outlier_ratio_before` / `_after`). Folding changes float tensors
+   (norm gains, producer linears that are not targets): the state carries them too (`float_params`), and with LoRA the
+   adapters read the scaled inputs (LoRC reconstructs the scaled weights), which is the same function.
 3. LoRC (`lorc_rank` > 0): the LoRA factors of every wrapped layer are set to the rank-`lorc_rank` truncated SVD of
    `E = W - dequant(Q(W))`, with B divided by PEFT's scaling (alpha / r) so that `scaling * B @ A ~= E` and the layer
    computes `(Q + B A) x ~= W x` at step 0. `lorc_iters` > 1 alternates LoftQ-style (re-quantize `W - B A` with RTN /
@@ -73,9 +82,11 @@ from slimtune.quant.state import is_quantized_layer, layer_state, rebuild_layer
 from slimtune.quant.targets import adapters_disabled, layer_device, set_module
 from slimtune.select import LayerRef, base_model, select_layers
 
-METHODS = ("rtn", "gptq", "nf4", "gptq_nf4")
+METHODS = ("rtn", "gptq", "nf4", "gptq_nf4", "awq", "awq_gptq", "smoothquant")
 NF4_METHODS = ("nf4", "gptq_nf4")  # bitsandbytes Linear4bit layers
-CALIBRATED = ("gptq", "gptq_nf4")
+AWQ_METHODS = ("awq", "awq_gptq")
+FOLDING = ("awq", "awq_gptq", "smoothquant")  # scales folded into norms / linears: float tensors change too
+CALIBRATED = ("gptq", "gptq_nf4", *FOLDING)
 BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATE_VERSION = 1
@@ -133,6 +144,12 @@ class PostTrainingQuantization(SlimtuneCallback):
         progress: progress bars over blocks / layers. verbose: print one line when the base is quantized or restored.
         model: the model to quantize: an `nn.Module`, or the name / dotted path of the LightningModule's attribute
             holding it (`"lm"`). Default: `pl_module.model`, else the only transformers / PEFT model it holds.
+        alpha: AWQ: null (the grid 0, 1/n_grid, ..., (n_grid-1)/n_grid) or floats in [0, 1] to search; SmoothQuant:
+            the migration strength in [0, 1] (null: 0.5). Not used by the other methods (refused).
+        n_grid: AWQ grid size. duo_scaling: AWQ scales mean|x|^a / mean|w|^(1-a). clip: AWQ weight clipping search
+            (not q/k). max_search_tokens: AWQ scores each alpha on at most this many calibration tokens.
+        int8_matmul: SmoothQuant layers compute inference forwards with `torch._int_mm` (int8 x int8 -> int32).
+        SmoothQuant takes bits=8 and group_size=null (per output channel); its grids are symmetric.
     """
 
     run_order = 10
@@ -162,6 +179,12 @@ class PostTrainingQuantization(SlimtuneCallback):
         progress: bool = True,
         verbose: bool = True,
         model: Any = None,
+        alpha: Any = None,
+        n_grid: int = 20,
+        duo_scaling: bool = False,
+        clip: bool = False,
+        max_search_tokens: int | None = None,
+        int8_matmul: bool = False,
     ):
         owner = "PostTrainingQuantization"
         if not isinstance(method, str) or method not in METHODS:
@@ -177,8 +200,16 @@ class PostTrainingQuantization(SlimtuneCallback):
                 raise SlimtuneError(
                     f"PostTrainingQuantization group_size={show(group_size)} is not an NF4 block size; valid: {choices(NF4_BLOCKSIZES)} or null (64)"
                 )
+        if method == "smoothquant":
+            if bits != 8:
+                raise SlimtuneError(f"PostTrainingQuantization bits={show(bits)} is not valid with method=smoothquant "
+                                    "(W8A8); valid: 8")
+            if group_size is not None:
+                raise SlimtuneError(f"PostTrainingQuantization group_size={show(group_size)} is not valid with "
+                                    "method=smoothquant (one weight scale per output channel); valid: null")
         for flag, value in (("symmetric", symmetric), ("act_order", act_order), ("double_quant", double_quant),
-                            ("true_sequential", true_sequential)):
+                            ("true_sequential", true_sequential), ("duo_scaling", duo_scaling), ("clip", clip),
+                            ("int8_matmul", int8_matmul)):
             if not isinstance(value, bool):
                 raise SlimtuneError(f"PostTrainingQuantization {flag}={show(value)} is not valid; valid: true, false")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or not 0 <= damp < 1:
@@ -196,6 +227,19 @@ class PostTrainingQuantization(SlimtuneCallback):
         for key, value, low in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2), ("lorc_iters", lorc_iters, 1)):
             if not _is_int(value) or value < low:
                 raise SlimtuneError(f"PostTrainingQuantization {key}={show(value)} is not valid; valid: an int >= {low}")
+        if not _is_int(n_grid) or n_grid < 1:
+            raise SlimtuneError(f"PostTrainingQuantization n_grid={show(n_grid)} is not valid; valid: an int >= 1")
+        if max_search_tokens is not None and (not _is_int(max_search_tokens) or max_search_tokens < 1):
+            raise SlimtuneError(f"PostTrainingQuantization max_search_tokens={show(max_search_tokens)} is not valid; "
+                                "valid: null or a positive int")
+        self.alpha = self._check_alpha(method, alpha)
+        unused = [f"{k}={show(v)}" for k, v, default, used in (
+            ("n_grid", n_grid, 20, AWQ_METHODS), ("duo_scaling", duo_scaling, False, AWQ_METHODS),
+            ("clip", clip, False, AWQ_METHODS), ("max_search_tokens", max_search_tokens, None, AWQ_METHODS),
+            ("int8_matmul", int8_matmul, False, ("smoothquant",))) if v != default and method not in used]
+        if unused:
+            raise SlimtuneError(f"PostTrainingQuantization {unused[0]} is not valid with method={method}; valid: its "
+                                "default (it is an AWQ setting, int8_matmul a SmoothQuant one)")
         if not _is_int(seed):
             raise SlimtuneError(f"PostTrainingQuantization seed={show(seed)} is not valid; valid: an int")
         if lorc_rank is not None and (not _is_int(lorc_rank) or lorc_rank < 0):
@@ -227,6 +271,12 @@ class PostTrainingQuantization(SlimtuneCallback):
         self.progress = check_bool(progress, "progress", owner)
         self.verbose = check_bool(verbose, "verbose", owner)
         self.model = check_model_arg(model, owner)
+        self.n_grid = n_grid
+        self.duo_scaling = duo_scaling
+        self.clip = clip
+        self.max_search_tokens = max_search_tokens
+        self.int8_matmul = int8_matmul
+        self.fold_summary: dict[str, Any] = {}  # AWQ / SmoothQuant figures for the report
         self.seconds: float | None = None
         self.n_layers = 0
         self.n_lorc = 0
@@ -235,11 +285,30 @@ class PostTrainingQuantization(SlimtuneCallback):
 
     # ------------------------------------------------------------------ settings
 
+    @staticmethod
+    def _check_alpha(method: str, alpha: Any) -> Any:
+        """AWQ: null (a grid of n_grid values) or floats in [0, 1]; SmoothQuant: one float in [0, 1] (default 0.5)."""
+        from slimtune.quant.awq import check_alphas
+        from slimtune.quant.smoothquant import check_alpha
+
+        if alpha is None:
+            return 0.5 if method == "smoothquant" else None
+        if method == "smoothquant":
+            return check_alpha(alpha, "PostTrainingQuantization alpha")
+        if method in AWQ_METHODS:
+            return list(check_alphas(list(alpha) if is_sequence(alpha) else alpha, "PostTrainingQuantization alpha"))
+        raise SlimtuneError(f"PostTrainingQuantization alpha={show(alpha)} is not valid with method={method}; valid: "
+                            f"null (alpha is for method={', '.join(FOLDING)})")
+
     def settings(self) -> dict[str, Any]:
-        return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp, "targets": self.targets, "exclude": self.exclude,
-                "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
-                "lorc_rank": self.lorc_rank, "lorc_iters": self.lorc_iters, "double_quant": self.double_quant}
+        out = {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+               "act_order": self.act_order, "true_sequential": self.true_sequential, "damp": self.damp, "targets": self.targets, "exclude": self.exclude,
+               "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed,
+               "lorc_rank": self.lorc_rank, "lorc_iters": self.lorc_iters, "double_quant": self.double_quant}
+        if self.method in FOLDING:
+            out.update(alpha=self.alpha, n_grid=self.n_grid, duo_scaling=self.duo_scaling, clip=self.clip,
+                       max_search_tokens=self.max_search_tokens)
+        return out
 
     def spec(self):
         from slimtune.quant import QuantSpec
@@ -247,6 +316,10 @@ class PostTrainingQuantization(SlimtuneCallback):
 
         if self.method in NF4_METHODS:
             return NF4Spec(self.group_size or 64, self.double_quant)
+        if self.method == "smoothquant":
+            from slimtune.quant.smoothquant import W8A8_SPEC
+
+            return W8A8_SPEC
         return QuantSpec(self.bits, self.group_size, self.symmetric)
 
     # ------------------------------------------------------------------ the run's seam
@@ -264,9 +337,10 @@ class PostTrainingQuantization(SlimtuneCallback):
             raise SlimtuneError(f"PostTrainingQuantization needs a frozen base; model.finetune="
                                 f"{cfg.model.get('finetune')} is not valid with it; valid: model.finetune=lora")
         if export_switch(cfg, "compressed_tensors"):
-            if self.method in NF4_METHODS:
+            if self.method in NF4_METHODS or self.method == "smoothquant":
+                what = "bitsandbytes layers" if self.method in NF4_METHODS else "8-bit activations are not written"
                 raise SlimtuneError(f"export.compressed_tensors=true is not valid with PostTrainingQuantization "
-                                    f"method={self.method} (bitsandbytes layers); valid: method=gptq or rtn, or "
+                                    f"method={self.method} ({what}); valid: method=gptq, rtn, awq or awq_gptq, or "
                                     "export.compressed_tensors=false")
             from slimtune.quant.compressed_tensors import require_library
 
@@ -295,7 +369,7 @@ class PostTrainingQuantization(SlimtuneCallback):
         """Items for the run's report."""
         out = {"ptq_method": self.method, "ptq_bits": self.bits, "ptq_group_size": self.group_size,
                "ptq_lorc_rank": self.lorc_rank or None, "ptq_layers": self.n_layers or None,
-               "ptq_seconds": self.seconds}
+               "ptq_seconds": self.seconds, **self.fold_summary}
         return {k: v for k, v in out.items() if v is not None}
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, cfg) -> dict[str, str]:
@@ -446,8 +520,17 @@ class PostTrainingQuantization(SlimtuneCallback):
         keep = bool(lorc)
         # the quantizers mark the model for PEFT's 4-bit dispatch; the base of an existing PEFT model stays as it was
         had_flag = "is_loaded_in_4bit" in vars(base)
+        if self.method in FOLDING:  # a layout without fold positions is refused before calibrating
+            from slimtune.quant.folds import fold_table_for
+
+            fold_table_for(base, "SmoothQuant" if self.method == "smoothquant" else "AWQ")
+        changed: list[str] = []
         with adapters_disabled(base):
-            if self.method in CALIBRATED:
+            if self.method in FOLDING:
+                tokenizer = self._get_tokenizer(pl_module)
+                batches = calibration_batches(self.calibration, tokenizer, self.n_samples, self.seq_len, self.seed)
+                originals, changed = self._quantize_folding(base, batches, names, keep, show)
+            elif self.method in CALIBRATED:
                 tokenizer = self._get_tokenizer(pl_module)
                 batches = calibration_batches(self.calibration, tokenizer, self.n_samples, self.seq_len, self.seed)
                 originals = quantize_model_gptq(
@@ -492,6 +575,10 @@ class PostTrainingQuantization(SlimtuneCallback):
             "settings": self.settings(),
             "layers": {t.path: layer_state(base.get_submodule(t.path)) for t in targets},
         }
+        if self.fold_summary:
+            self._state["summary"] = dict(self.fold_summary)
+        if changed:  # norm gains / producer linears the scales were folded into: the base is not the pretrained one
+            self._state["float_params"] = {n: base.get_parameter(n).detach().to("cpu", copy=True) for n in changed}
         self._applied_to = id(model)
         self.seconds = time.perf_counter() - started
         if self.verbose and (trainer is None or trainer.is_global_zero):
@@ -500,6 +587,57 @@ class PostTrainingQuantization(SlimtuneCallback):
             print(f"[slimtune] {self.method.upper()} {grid}: {len(targets)} layers quantized{lorc_note} "
                   f"in {self.seconds:.1f} s")
         return self._state
+
+    def _quantize_folding(self, base: nn.Module, batches, names: list[str], keep: bool, show: bool):
+        """AWQ (then RTN or GPTQ) or SmoothQuant (then W8A8) of `names`; returns (originals, changed float params)."""
+        from slimtune.quant import quantize_model_awq  # looked up here: tests replace it to prove a resume skips it
+        from slimtune.quant.awq import default_alphas
+        from slimtune.quant.smoothquant import quantize_model_w8a8, smooth_model
+
+        scale_dtype = SCALE_DTYPES[self.scale_dtype]
+        if self.method in AWQ_METHODS:
+            gptq = {"damp": self.damp, "act_order": self.act_order, "true_sequential": self.true_sequential} \
+                if self.method == "awq_gptq" else {}
+            result = quantize_model_awq(
+                base, batches, self.spec(), names, exclude=(), method="gptq" if gptq else "rtn",
+                alphas=self.alpha or default_alphas(self.n_grid), duo_scaling=self.duo_scaling, clip=self.clip,
+                max_search_tokens=self.max_search_tokens, keep_original=keep, scale_dtype=scale_dtype, progress=show,
+                **gptq)
+            alphas = list(result.alphas.values())
+            ratios = [a / r for a, r in result.errors.values() if r > 0]
+            self.fold_summary = {"ptq_awq_mean_alpha": sum(alphas) / len(alphas) if alphas else None,
+                                 "ptq_awq_error_vs_rtn": sum(ratios) / len(ratios) if ratios else None}
+            return result.originals, result.changed
+        before = self._outliers(base, batches, names)
+        result = smooth_model(base, batches, names, exclude=(), alpha=self.alpha, progress=show)
+        after = self._outliers(base, batches, names)
+        originals = quantize_model_w8a8(base, names, exclude=(), int8_matmul=self.int8_matmul, keep_original=keep,
+                                        scale_dtype=scale_dtype)
+        self.fold_summary = {"ptq_outlier_ratio_before": before[0], "ptq_outlier_ratio_after": after[0],
+                             "ptq_layers_at_risk_before": before[1], "ptq_layers_at_risk_after": after[1]}
+        return originals, result.changed
+
+    @staticmethod
+    @torch.no_grad()
+    def _outliers(base: nn.Module, batches, names: list[str]) -> tuple[float, int]:
+        """The outlier monitor over the calibration batches: the largest max/median |x| ratio at the targets' inputs,
+        and how many targets it finds at risk."""
+        from slimtune.callbacks.outliers import ActivationOutlierMonitor
+
+        monitor = ActivationOutlierMonitor(patterns=names, plot=False, verbose=False).attach(base)
+        was_training = base.training
+        base.eval()
+        try:
+            device = layer_device(base)
+            for ids in batches:
+                ids = ids["input_ids"] if isinstance(ids, dict) else ids
+                base(input_ids=ids.to(device), use_cache=False)
+            rows = monitor.summary()
+        finally:
+            monitor.detach()
+            base.train(was_training)
+        ratios = [r["max_median_ratio"] for r in rows if r["max_median_ratio"] == r["max_median_ratio"]]
+        return (max(ratios) if ratios else float("nan")), sum(bool(r["at_risk"]) for r in rows)
 
     def _adapter_of(self, target: LayerRef) -> str:
         active = list(getattr(target.wrapper, "active_adapters", []) or [])
@@ -533,7 +671,18 @@ class PostTrainingQuantization(SlimtuneCallback):
                 raise SlimtuneError(f"quantized layer {path} of the checkpoint has shape {entry['out_features']}x"
                                     f"{entry['in_features']}, the model's is {shape[0]}x{shape[1]}; valid: the same model")
             set_module(base, path, rebuild_layer(entry, layer_device(current)))
+        for name, tensor in (state.get("float_params") or {}).items():  # folded AWQ / SmoothQuant scales
+            try:
+                param = base.get_parameter(name)
+            except AttributeError:
+                raise SlimtuneError(f"parameter {name} of the checkpoint is not in the model; valid: the model the "
+                                    "checkpoint was trained with") from None
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise SlimtuneError(f"parameter {name} of the checkpoint has shape {tuple(tensor.shape)}, the model's "
+                                    f"is {tuple(param.shape)}; valid: the same model")
+            param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
         self.n_layers = len(state["layers"])
+        self.fold_summary = dict(state.get("summary") or {})
         self._applied_to = id(model)
         if self.verbose if verbose is None else verbose:
             print(f"[slimtune] restored {self.n_layers} quantized layers from the checkpoint (no calibration)")

@@ -1,11 +1,13 @@
 """Pure-torch weight quantization: RTN grids, GPTQ, LoRC/LoftQ, and bitsandbytes NF4 (incl. GPTQ-chosen codes).
 
-Rooms by job: `grid` (RTN grids), `gptq` (one layer), `layers` (QuantLinear), `nf4` (bitsandbytes NF4, one layer or a
+Rooms by job: `grid` (RTN grids), `gptq` (one layer), `awq` (activation-aware scales, then RTN/GPTQ), `folds`
+(where a per-channel scale folds into a block), `layers` (QuantLinear), `nf4` (bitsandbytes NF4, one layer or a
 whole model), `lorc` (LoRC factors, on layers and whole models), `targets` (which layers, by `slimtune.select`'s rule;
 swapping them), `drivers` (RTN and GPTQ over a whole model), `state` (a quantized layer as tensors, for resume),
 `export` / `compressed_tensors` (folders), `bnb4bit` (bitsandbytes 4-bit details).
 """
 
+from slimtune.quant.awq import awq_model, quantize_model_awq
 from slimtune.quant.compressed_tensors import save_compressed_tensors
 from slimtune.quant.drivers import check_calibration, quantize_model_gptq, quantize_model_rtn
 from slimtune.quant.export import load_quantized, save_quantized, stored_bits_per_parameter
@@ -30,6 +32,8 @@ __all__ = [
     "NF4Spec",
     "QuantLinear",
     "add_lorc_adapters",
+    "awq_model",
+    "quantize_model_awq",
     "apply_lorc",
     "check_calibration",
     "find_linear_layers",

@@ -177,6 +177,12 @@ def save_compressed_tensors(
     quant_config = compressed_tensors_config(base)
 
     layers = {_clean_name(n): m for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    from slimtune.quant.smoothquant import W8A8Linear
+
+    w8a8 = next((n for n, m in layers.items() if isinstance(m, W8A8Linear)), None)
+    if w8a8 is not None:  # the weights alone would serve a different model than the one measured
+        raise SlimtuneError(f"layer {w8a8} quantizes its activations too (W8A8Linear), which this export does not "
+                            "write; valid: weight-only QuantLinear layers (save_quantized keeps W8A8 layers)")
     state = {k: v for k, v in _plain_state_dict(base).items()
              if not any(k.startswith(n + ".") for n in layers)}
     tensors, tied = _dedupe_shared(state)

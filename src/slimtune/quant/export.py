@@ -146,7 +146,11 @@ def _quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def _layer_entry(layer: QuantLinear) -> dict[str, Any]:
+    from slimtune.quant.smoothquant import W8A8Linear
+
+    extra = {"activations": "int8_per_token", "int8_matmul": layer.int8_matmul} if isinstance(layer, W8A8Linear) else {}
     return {
+        **extra,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bits": layer.spec.bits,
@@ -369,10 +373,17 @@ def load_quantized(
             spec = QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"])
             scale_dtype = _DTYPES[entry["scale_dtype"]]
             dtype = _DTYPES[entry["dtype"]]
-            layer = QuantLinear(
+            kind, extra = QuantLinear, {}
+            if entry.get("activations") == "int8_per_token":  # SmoothQuant W8A8
+                from slimtune.quant.smoothquant import W8A8Linear
+
+                kind, extra = W8A8Linear, {"int8_matmul": bool(entry.get("int8_matmul", False))}
+            elif entry.get("activations") is not None:
+                raise ValueError(f"activations={entry['activations']!r}; valid: int8_per_token")
+            layer = kind(
                 entry["in_features"], entry["out_features"], spec, bias=entry["bias"],
                 has_g_idx=entry["g_idx"], act_order=entry["act_order"], dtype=dtype,
-                scale_dtype=scale_dtype, device="meta",
+                scale_dtype=scale_dtype, device="meta", **extra,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimtuneError(f"manifest entry of layer {name} is not valid ({exc})") from None

@@ -27,7 +27,12 @@ def is_quantized_layer(module: nn.Module) -> bool:
 def layer_state(layer: nn.Module) -> dict[str, Any]:
     """Everything needed to rebuild a quantized layer (`QuantLinear` or bitsandbytes `Linear4bit`), as CPU tensors."""
     if isinstance(layer, QuantLinear):
+        from slimtune.quant.smoothquant import W8A8Linear
+
+        extra = {"activations": "int8_per_token", "int8_matmul": layer.int8_matmul} \
+            if isinstance(layer, W8A8Linear) else {}
         return {
+            **extra,
             "kind": "quant_linear",
             "in_features": layer.in_features, "out_features": layer.out_features,
             "bits": layer.spec.bits, "group_size": layer.spec.group_size, "symmetric": layer.spec.symmetric,
@@ -52,12 +57,18 @@ def rebuild_layer(entry: Mapping[str, Any], device: torch.device) -> nn.Module:
     """The layer `layer_state` described, on `device`."""
     if entry["kind"] == "quant_linear":
         tensors = entry["tensors"]
-        layer = QuantLinear(
+        kind = QuantLinear
+        extra = {}
+        if entry.get("activations") == "int8_per_token":
+            from slimtune.quant.smoothquant import W8A8Linear
+
+            kind, extra = W8A8Linear, {"int8_matmul": bool(entry.get("int8_matmul", False))}
+        layer = kind(
             entry["in_features"], entry["out_features"],
             QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"]),
             bias=tensors.get("bias") is not None, has_g_idx=tensors.get("g_idx") is not None,
             act_order=entry["act_order"], dtype=getattr(torch, entry["dtype"]),
-            scale_dtype=tensors["scales"].dtype, device="cpu",
+            scale_dtype=tensors["scales"].dtype, device="cpu", **extra,
         )
         layer.load_state_dict({k: v for k, v in tensors.items() if v is not None})
         return layer.to(device)
