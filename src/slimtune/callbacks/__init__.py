@@ -3,6 +3,7 @@
 from slimtune.callbacks.compression_stats import CompressionStats
 from slimtune.callbacks.outliers import ActivationOutlierMonitor
 from slimtune.callbacks.perplexity import PerplexityEvaluation
+from slimtune.callbacks.pruning import GradualPruning, OneShotPruning
 from slimtune.callbacks.ptq import PostTrainingQuantization
 
-__all__ = ["ActivationOutlierMonitor", "CompressionStats", "PerplexityEvaluation", "PostTrainingQuantization"]
+__all__ = ["ActivationOutlierMonitor", "CompressionStats", "GradualPruning", "OneShotPruning", "PerplexityEvaluation", "PostTrainingQuantization"]

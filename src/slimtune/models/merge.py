@@ -49,6 +49,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight = weight + module.get_delta_weight(adapter).float()
+            weight = _keep_pruned_zeros(module.get_base_layer(), weight)
             state[f"{name}.weight"] = weight.to(dtype)
             bias = getattr(module.get_base_layer(), "bias", None)
             if bias is not None:
@@ -68,6 +69,13 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
                 continue
             state[f"{name}.{key}" if name else key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
     return state
+
+
+def _keep_pruned_zeros(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A pruned base layer (slimtune.callbacks.pruning) carries its keep-mask: the adapter's delta is masked, so the
+    merged weight keeps the pruned zeros."""
+    mask = getattr(layer, "slimtune_prune_mask", None)
+    return weight if mask is None else weight * mask.to(weight.device, weight.dtype)
 
 
 def _ancestors(root: nn.Module, name: str):
