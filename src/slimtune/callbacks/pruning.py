@@ -349,7 +349,9 @@ class GradualPruning(_MaskedTraining):
             channels: gate/up rows and down columns).
         nm: `"2:4"`, `"4:8"`, ...: N of every M kept; the schedule raises the zeros per group of M from 0 to M - N.
         layer_sparsity: `{pattern: final sparsity}` for the targets a pattern matches (first match wins), e.g.
-            `{self_attn: 0.3}` keeps attention denser; the others use `final_sparsity`. Scaled along the schedule.
+            `{'.*self_attn.*': 0.3}` keeps attention denser (patterns follow `slimtune.select`: a plain name matches a
+            layer name's end, anything else is a regex over the full name); the others use `final_sparsity`. Scaled
+            along the schedule.
         owl: `{lambda: 0.08, threshold: 5}`: OWL's per-block sparsities (averaging `final_sparsity`, lower for blocks
             with more outlier scores), fixed at the first update.
         targets, exclude: layers (slimtune.select's rule); default every linear layer but `lm_head`.
@@ -411,7 +413,7 @@ class GradualPruning(_MaskedTraining):
         if layer_sparsity is not None:
             if not isinstance(layer_sparsity, Mapping) or not layer_sparsity:
                 raise SlimtuneError(f"{owner} layer_sparsity={show(layer_sparsity)} is not valid; valid: a mapping "
-                                    "{pattern: sparsity}, e.g. {self_attn: 0.3}")
+                                    "{pattern: sparsity}, e.g. {'.*self_attn.*': 0.3}")
             for pattern, value in layer_sparsity.items():
                 self.layer_sparsity[str(pattern)] = check_sparsity(value, f"layer_sparsity[{pattern!r}]", owner)
         self.owl: dict[str, float] | None = None
@@ -531,8 +533,11 @@ class GradualPruning(_MaskedTraining):
         step = trainer.global_step  # optimizer steps done, this batch's included
         if self.schedule.is_update_step(step) and self.last_update < step:
             self.update(step, trainer)
-        pl_module.log("prune/target_sparsity", self.schedule.target(step), on_step=True, on_epoch=False,
-                      batch_size=1)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # the target the masks hold while this step trains (logged at this step's row)
+        pl_module.log("prune/target_sparsity", self.schedule.target(trainer.global_step), on_step=True,
+                      on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         for handle in self._hooks:

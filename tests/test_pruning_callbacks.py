@@ -1,0 +1,254 @@
+"""GradualPruning and OneShotPruning through slimtune's run and the real Trainer on a tiny Llama: the schedule's
+target is reached and logged, pruned weights stay zero through optimizer steps and the LoRA merge, resume equals the
+uninterrupted run, masks are identical on every rank of 2 CPU processes, and bad input is one line."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, compose, tiny_run_overrides
+from slimtune.callbacks import GradualPruning, OneShotPruning
+from slimtune.errors import SlimtuneError
+from slimtune.prune import CubicSchedule
+from slimtune.run import finish, fit, prepare, run
+
+STEPS, END, EVERY = 10, 6, 2
+
+
+def _overrides(out: Path, text_file, *extra):
+    return [*tiny_run_overrides(out, f"data.path={text_file}", "model.quantization=none",
+                                "callbacks=[gradual_pruning]", f"trainer.max_steps={STEPS}",
+                                f"callbacks.gradual_pruning.end_step={END}",
+                                f"callbacks.gradual_pruning.update_every={EVERY}", "optimizer.lr=5e-3",
+                                "trainer.limit_val_batches=0"), *extra]
+
+
+def _pruning(job):
+    return next(cb for cb in job.callbacks if isinstance(cb, (GradualPruning, OneShotPruning)))
+
+
+def _logged_targets(out: Path) -> dict[int, float]:
+    rows = csv.DictReader(open(out / "logs" / "metrics.csv"))
+    return {int(r["step"]): float(r["prune/target_sparsity"]) for r in rows if r.get("prune/target_sparsity")}
+
+
+def test_full_finetune_reaches_the_target_and_pruned_weights_stay_zero_through_optimizer_steps(tmp_path, text_file):
+    cfg = compose(*_overrides(tmp_path, text_file, "model.finetune=full", "optimizer.weight_decay=0.1"))
+    job = prepare(cfg)
+    callback = _pruning(job)
+    seen = {}
+
+    class Watch(torch.nn.Module):  # records the masks at the end of the schedule and the weights then
+        pass
+
+    from lightning.pytorch import Callback
+
+    class AtEnd(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == END:
+                seen["masks"] = {n: m.clone() for n, m in callback.masks.items()}
+                seen["weights"] = {n: r.layer.weight.detach().clone() for n, r in callback._refs.items()}
+
+    job.callbacks.append(AtEnd())
+    report = finish(fit(job))
+    out = Path(cfg.output_dir)
+    assert report["prune_sparsity"] == 0.5 and report["prune_target"] == 0.5
+    assert report["prune_sparsity_q_proj"] == report["prune_sparsity_down_proj"] == 0.5
+    for name, mask in seen["masks"].items():
+        weight = callback._refs[name].layer.weight.detach()
+        assert int((~mask).sum()) == mask.numel() // 2
+        assert (weight[~mask] == 0).all(), name  # 4 more AdamW steps with weight decay: still zero
+        assert not torch.equal(weight[mask], seen["weights"][name][mask])  # the kept weights trained on
+    schedule = CubicSchedule(0.5, 0, END, update_every=EVERY)
+    logged = _logged_targets(out)
+    assert logged == pytest.approx({s: schedule.target(s) for s in range(STEPS)})
+    assert logged[1] == 0.0 and 0 < logged[2] < logged[4] < logged[6] == 0.5
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert all(torch.equal(merged[f"{n}.weight"] == 0, ~seen["masks"][n].cpu()) for n in seen["masks"])
+    table = list(csv.DictReader(open(out / "pruning" / "sparsity.csv")))
+    assert len(table) == 14 and {float(r["sparsity"]) for r in table} == {0.5}
+
+
+def test_lora_prunes_the_base_and_the_merge_keeps_the_zeros(tmp_path, text_file):
+    cfg = compose(*_overrides(tmp_path, text_file, "callbacks.gradual_pruning.score=wanda",
+                              "callbacks.gradual_pruning.start_step=1", "callbacks.gradual_pruning.granularity=row"))
+    job = prepare(cfg)
+    report = finish(fit(job))
+    callback = _pruning(job)
+    assert report["prune_sparsity"] == 0.5
+    merged = load_file(Path(cfg.output_dir) / "merged" / "model.safetensors")
+    for name, ref in callback._refs.items():
+        mask = callback.masks[name].cpu()
+        assert ((~mask).sum(dim=1) == mask.shape[1] // 2).all()  # per output row
+        delta = ref.wrapper.get_delta_weight("default").detach()
+        assert delta[~mask].abs().max() > 0, "the adapter trained on pruned positions: the merge must mask it"
+        weight = merged[f"{name}.weight"]
+        assert (weight[~mask] == 0).all()
+        torch.testing.assert_close(weight[mask], (ref.layer.weight.detach() + delta)[mask])
+
+
+def _resume_overrides(out, text_file, *extra):
+    return _overrides(out, text_file, "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
+                      "model.lora.dropout=0.1", "checkpoint.every_n_train_steps=4", "checkpoint.save_top_k=-1", "export.merged=false", *extra)
+
+
+def test_resume_mid_schedule_ends_where_the_uninterrupted_run_ends(tmp_path, text_file):
+    straight = compose(*_resume_overrides(tmp_path / "a", text_file))
+    job = prepare(straight)
+    finish(fit(job))
+    straight_masks = {n: m.cpu() for n, m in _pruning(job).masks.items()}
+    ckpt = Path(straight.output_dir) / "checkpoints" / "step4.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, weights_only=False)["callbacks"]
+    pruning_state = next(v for k, v in state.items() if "GradualPruning" in k)
+    assert pruning_state["last_update"] == 3 and pruning_state["accumulators"]  # between updates 3 and 5
+    resumed_dir = tmp_path / "b"
+    (resumed_dir / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, resumed_dir / "run" / "checkpoints" / "last.ckpt")
+    resumed = compose(*_resume_overrides(resumed_dir, text_file, "ckpt_path=last"))
+    job = prepare(resumed)
+    report = finish(fit(job))
+    assert report["steps"] == STEPS
+    masks = {n: m.cpu() for n, m in _pruning(job).masks.items()}
+    assert masks.keys() == straight_masks.keys() and all(torch.equal(masks[n], straight_masks[n]) for n in masks)
+    a = load_file(Path(straight.output_dir) / "adapter" / "adapter_model.safetensors")
+    b = load_file(Path(resumed.output_dir) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged_targets(Path(resumed.output_dir))[9] == 0.5
+
+
+MASK_DUMP = '''
+import torch
+from lightning.pytorch import Callback
+
+
+class DumpMasks(Callback):
+    """Test helper: every rank writes its pruning masks and pruned weights at fit end."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        from slimtune.callbacks import GradualPruning
+
+        cb = next(c for c in trainer.callbacks if isinstance(c, GradualPruning))
+        torch.save({"masks": {n: m.cpu() for n, m in cb.masks.items()},
+                    "weights": {n: r.layer.weight.detach().cpu() for n, r in cb._refs.items()}},
+                   f"{self.folder}/rank{trainer.global_rank}.pt")
+'''
+
+
+def test_masks_are_identical_on_every_rank_of_two_ddp_processes(tmp_path, text_file):
+    (tmp_path / "dump_masks.py").write_text(MASK_DUMP)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(tmp_path), env.get("PYTHONPATH")) if p)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "run"
+    # Wanda scores come from each rank's own batches: without the broadcast the masks would differ
+    args = [*_overrides(out, text_file, "strategy=ddp", "trainer.devices=2", "data.batch_size=2",
+                        "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
+                        "model.finetune=full", "trainer.max_steps=6", "callbacks.gradual_pruning.end_step=4",
+                        "export.merged=false"),
+            "+callbacks.dump._target_=dump_masks.DumpMasks", f"+callbacks.dump.folder={tmp_path}"]
+    args = [a.replace("callbacks=[gradual_pruning]", "callbacks=[gradual_pruning]") for a in args]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, mask in ranks[0]["masks"].items():
+        assert int((~mask).sum()) == mask.numel() // 2
+        assert torch.equal(mask, ranks[1]["masks"][name])
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+
+
+@pytest.mark.parametrize("method, extra, pattern", [
+    ("sparsegpt", [], None),
+    ("wanda", ["callbacks.oneshot_sparsegpt_50.nm='2:4'"], (2, 4)),
+])
+def test_one_shot_pruning_at_fit_start_then_lora_recovery_keeps_the_masks(tmp_path, text_file, method, extra, pattern):
+    preset = "callbacks.oneshot_sparsegpt_50"
+    overrides = [*tiny_run_overrides(tmp_path, f"data.path={text_file}", "model.quantization=none",
+                                     "callbacks=[oneshot_sparsegpt_50,perplexity]", "trainer.max_steps=4",
+                                     "callbacks.perplexity.max_windows=2", "trainer.limit_val_batches=0",
+                                     f"{preset}.method={method}", f"{preset}.calibration=corpus",
+                                     f"{preset}.n_samples=4", f"{preset}.seq_len=64", f"{preset}.progress=false",
+                                     *extra)]
+    cfg = compose(*overrides)
+    job = prepare(cfg)
+    report = finish(fit(job))
+    callback = _pruning(job)
+    ppl = next(cb for cb in job.callbacks if type(cb).__name__ == "PerplexityEvaluation")
+    assert ppl.results["after_prune"]["ppl"] != ppl.results["before_prune"]["ppl"]
+    assert report["prune_sparsity"] == 0.5 and report["prune_layers"] == 14
+    merged = load_file(Path(cfg.output_dir) / "merged" / "model.safetensors")
+    for name, mask in callback.masks.items():
+        weight = merged[f"{name}.weight"]
+        assert torch.equal(weight == 0, ~mask.cpu())
+        if pattern:
+            assert ((weight != 0).reshape(weight.shape[0], -1, pattern[1]).sum(-1) == pattern[0]).all()
+    # resume: a fresh callback rebuilds the pruned (SparseGPT-updated) base from its state, without calibrating
+    fresh_job = prepare(compose(*overrides))
+    fresh = _pruning(fresh_job)
+    fresh.load_state_dict(callback.state_dict())
+    fresh.prune = None  # calling it would fail: restoring must not prune again
+
+    class Trainer:
+        ckpt_path = None
+        callbacks = []
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    Trainer.strategy = SingleDeviceStrategy(torch.device("cpu"))
+    fresh.on_fit_start(Trainer, fresh_job.module)
+    for name, ref in fresh._refs.items():
+        torch.testing.assert_close(ref.layer.weight, callback._refs[name].layer.weight)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"final_sparsity": 1.0, "end_step": 5}, r"final_sparsity=1.0 is not valid; valid: a number in \[0, 1\)"),
+    ({"final_sparsity": -0.1, "end_step": 5}, "final_sparsity=-0.1 is not valid"),
+    ({"end_step": 5, "start_step": 8}, "end_step=5 is before start_step=8"),
+    ({"end_step": None}, "end_step=None is not valid"),
+    ({"end_step": 5, "granularity": "nm", "nm": "4:4"}, "N:M pattern 4:4 is not valid"),
+    ({"end_step": 5, "granularity": "nm", "nm": "2:4", "final_sparsity": 0.3}, "contradicts nm='2:4'"),
+    ({"end_step": 5, "score": "wanda"}, "score=wanda needs start_step >= 1"),
+    ({"end_step": 5, "score": "obs"}, "score='obs' is not valid; valid: magnitude, wanda, movement, taylor"),
+    ({"end_step": 5, "granularity": "block"}, "granularity='block' is not valid"),
+    ({"end_step": 5, "layer_sparsity": {"self_attn": 1.2}}, r"layer_sparsity\['self_attn'\]=1.2 is not valid"),
+])
+def test_bad_gradual_arguments_are_one_line_errors(kwargs, message):
+    with pytest.raises(SlimtuneError, match=message):
+        GradualPruning(**kwargs)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["callbacks.gradual_pruning.end_step=50"], "end_step=50 is beyond trainer.max_steps=10; valid: end_step <= 10"),
+    (["callbacks.gradual_pruning.score=movement", "callbacks.gradual_pruning.start_step=1"],
+     "score=movement needs gradients of the pruned weights and model.finetune=lora freezes them"),
+    (["callbacks.gradual_pruning.targets=[nothing_here]"], "targets pattern 'nothing_here' matches no layer"),
+    (["callbacks.gradual_pruning.granularity=nm", "callbacks.gradual_pruning.final_sparsity=null",
+      "callbacks.gradual_pruning.nm='3:5'"], "M=5 does not divide the input width"),
+    (["callbacks.gradual_pruning.layer_sparsity={.*mlp.*: 0.3, no_such: 0.2}"], "pattern 'no_such' matches no target"),
+])
+def test_bad_runs_are_refused_before_training(tmp_path, text_file, extra, message):
+    with pytest.raises(SlimtuneError, match=message):
+        prepare(compose(*_overrides(tmp_path, text_file, *extra)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_shot_bad_input():
+    with pytest.raises(SlimtuneError, match="method='obs' is not valid; valid: magnitude, wanda, sparsegpt"):
+        OneShotPruning(method="obs")
+    with pytest.raises(SlimtuneError, match="quant_bits=4 is not valid with method=wanda"):
+        OneShotPruning(method="wanda", quant_bits=4, calibration="corpus")
+    with pytest.raises(SlimtuneError, match=r"sparsity=1.5 is not valid; valid: a number in \[0, 1\)"):
+        OneShotPruning(method="magnitude", sparsity=1.5)
+    with pytest.raises(SlimtuneError, match="calibration"):
+        OneShotPruning(method="sparsegpt", calibration="/no/such/file.jsonl")
