@@ -44,13 +44,9 @@ def test_full_finetune_reaches_the_target_and_pruned_weights_stay_zero_through_o
     job = prepare(cfg)
     callback = _pruning(job)
     seen = {}
-
-    class Watch(torch.nn.Module):  # records the masks at the end of the schedule and the weights then
-        pass
-
     from lightning.pytorch import Callback
 
-    class AtEnd(Callback):
+    class AtEnd(Callback):  # records the masks at the end of the schedule and the weights then
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == END:
                 seen["masks"] = {n: m.clone() for n, m in callback.masks.items()}
@@ -99,6 +95,7 @@ def _resume_overrides(out, text_file, *extra):
                       "model.lora.dropout=0.1", "checkpoint.every_n_train_steps=4", "checkpoint.save_top_k=-1", "export.merged=false", *extra)
 
 
+@pytest.mark.slow  # 40 s on 2 busy cores: run by CI's slow step
 def test_resume_mid_schedule_ends_where_the_uninterrupted_run_ends(tmp_path, text_file):
     straight = compose(*_resume_overrides(tmp_path / "a", text_file))
     job = prepare(straight)
@@ -145,6 +142,7 @@ class DumpMasks(Callback):
 '''
 
 
+@pytest.mark.slow  # 2 processes, about a minute
 def test_masks_are_identical_on_every_rank_of_two_ddp_processes(tmp_path, text_file):
     (tmp_path / "dump_masks.py").write_text(MASK_DUMP)
     env = dict(os.environ)
@@ -157,7 +155,6 @@ def test_masks_are_identical_on_every_rank_of_two_ddp_processes(tmp_path, text_f
                         "model.finetune=full", "trainer.max_steps=6", "callbacks.gradual_pruning.end_step=4",
                         "export.merged=false"),
             "+callbacks.dump._target_=dump_masks.DumpMasks", f"+callbacks.dump.folder={tmp_path}"]
-    args = [a.replace("callbacks=[gradual_pruning]", "callbacks=[gradual_pruning]") for a in args]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -169,7 +166,7 @@ def test_masks_are_identical_on_every_rank_of_two_ddp_processes(tmp_path, text_f
 
 
 @pytest.mark.parametrize("method, extra, pattern", [
-    ("sparsegpt", [], None),
+    pytest.param("sparsegpt", [], None, marks=pytest.mark.slow),
     ("wanda", ["callbacks.oneshot_sparsegpt_50.nm='2:4'"], (2, 4)),
 ])
 def test_one_shot_pruning_at_fit_start_then_lora_recovery_keeps_the_masks(tmp_path, text_file, method, extra, pattern):
