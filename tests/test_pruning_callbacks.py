@@ -249,3 +249,133 @@ def test_one_shot_bad_input():
         OneShotPruning(method="magnitude", sparsity=1.5)
     with pytest.raises(SlimtuneError, match="calibration"):
         OneShotPruning(method="sparsegpt", calibration="/no/such/file.jsonl")
+
+
+# --------------------------------------------------------------------------- the callback's update, without a Trainer
+
+
+class _Trainer:
+    """What the callback reads of a Trainer outside a fit: one process, no checkpoint."""
+
+    world_size, global_step, ckpt_path, callbacks = 1, 0, None, []
+
+    def __init__(self):
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        self.strategy = SingleDeviceStrategy(torch.device("cpu"))
+
+
+def _tiny_llama(trainable=False):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA))
+    return model.requires_grad_(trainable)
+
+
+def _started(callback, model):
+    callback.setup(_Trainer(), model, "fit")
+    callback.on_fit_start(_Trainer(), model)
+    return callback
+
+
+def test_per_layer_targets_keep_attention_denser():
+    model = _tiny_llama()
+    cb = _started(GradualPruning(0.5, end_step=4, layer_sparsity={".*self_attn.*": 0.25}), model)
+    cb.update(2)  # on the way: each layer at its own final times the schedule's fraction
+    fraction = cb.schedule.target(2) / 0.5
+    for name, mask in cb.masks.items():
+        final = 0.25 if "self_attn" in name else 0.5
+        assert int((~mask).sum()) == round(final * fraction * mask.numel())
+    cb.update(4)
+    s = cb.sparsity()["by_type"]
+    assert s["q_proj"] == s["o_proj"] == 0.25 and s["up_proj"] == s["down_proj"] == 0.5
+
+
+def test_owl_gives_outlier_rich_blocks_lower_sparsity_averaging_the_target():
+    model = _tiny_llama()
+    with torch.no_grad():  # block 1 gets heavy outliers
+        model.model.layers[1].mlp.up_proj.weight[:, :3] *= 40
+    cb = _started(GradualPruning(0.5, end_step=1, owl={"lambda": 0.1, "threshold": 5}), model)
+    cb.update(1)
+    per_block = {}
+    for name, mask in cb.masks.items():
+        block = name.split(".")[2]
+        z, n = per_block.get(block, (0, 0))
+        per_block[block] = (z + int((~mask).sum()), n + mask.numel())
+    s0, s1 = (z / n for z, n in (per_block["0"], per_block["1"]))
+    assert s1 < s0 and s0 - s1 == pytest.approx(0.2, abs=0.01)
+    assert cb.layer_final["model.layers.0.mlp.up_proj"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("granularity, extra", [("global", {}), ("nm", {"nm": "2:4", "final_sparsity": None}),
+                                                 ("heads", {}), ("channels", {})])
+def test_every_granularity_reaches_its_pattern_gradually(granularity, extra):
+    model = _tiny_llama()
+    kwargs = {"final_sparsity": 0.5, **extra}
+    cb = _started(GradualPruning(end_step=4, granularity=granularity, **kwargs), model)
+    cb.update(1)
+    middle = sum(int((~m).sum()) for m in cb.masks.values())
+    cb.update(4)
+    final = {n: m.clone() for n, m in cb.masks.items()}
+    pruned = sum(int((~m).sum()) for m in final.values())
+    assert 0 < middle < pruned
+    if granularity == "global":
+        assert pruned == round(0.5 * sum(m.numel() for m in final.values()))
+    elif granularity == "nm":
+        assert all((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all() for m in final.values())
+        assert cb.schedule.target(1) >= 0.25  # 2:4's first step zeros 1 of 4 once the target passes 0.25
+        assert middle == sum(m.numel() for m in final.values()) // 4
+    elif granularity == "heads":
+        q, o = final["model.layers.0.self_attn.q_proj"], final["model.layers.0.self_attn.o_proj"]
+        assert len((~q.any(dim=1)).nonzero().flatten().div(16, rounding_mode="floor").unique()) == 2  # of 4 heads
+        assert torch.equal(~q.any(dim=1), ~o.any(dim=0))
+        assert set(final) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qo"}
+    else:
+        up, down = final["model.layers.1.mlp.up_proj"], final["model.layers.1.mlp.down_proj"]
+        assert int((~up.any(dim=1)).sum()) == 64 and torch.equal(~up.any(dim=1), ~down.any(dim=0))
+
+
+@pytest.mark.parametrize("score", ["movement", "taylor"])
+def test_gradient_scores_accumulate_at_optimizer_steps_and_pick_the_masks(score):
+    model = _tiny_llama(trainable=True)
+    cb = _started(GradualPruning(0.5, start_step=1, end_step=1, score=score, targets=["down_proj"]), model)
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.weight.copy_(torch.ones_like(layer.weight))
+    grad = torch.linspace(-1, 1, layer.weight.numel()).reshape(layer.weight.shape)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    layer.weight.grad = grad.clone()
+    cb.on_before_optimizer_step(_Trainer(), model, None)
+    cb.update(1)
+    mask = cb.masks["model.layers.0.mlp.down_proj"]
+    # movement keeps weights moving away from zero (-W * grad high: negative grads); taylor keeps |W * grad| high
+    expected = (-grad) > (-grad).median() if score == "movement" else grad.abs() >= grad.abs().flatten().kthvalue(grad.numel() // 2 + 1).values
+    assert int((~mask).sum()) == mask.numel() // 2
+    if score == "movement":
+        assert torch.equal(mask, expected)
+    else:
+        assert (grad.abs()[mask].min() >= grad.abs()[~mask].max())
+    layer.weight.grad = torch.ones_like(grad)
+    cb.on_before_optimizer_step(_Trainer(), model, None)  # gradients of pruned weights are zeroed
+    assert (layer.weight.grad[~mask] == 0).all() and (layer.weight.grad[mask] == 1).all()
+
+
+def test_masks_exported_reload_into_a_new_run(tmp_path):
+    model = _tiny_llama()
+    cb = _started(GradualPruning(0.5, end_step=1, granularity="row"), model)
+    cb.update(1)
+    folder = cb.write_tables(tmp_path / "pruning")
+    rows = list(csv.DictReader(open(folder / "sparsity.csv")))
+    assert len(rows) == 14 and all(float(r["sparsity"]) == 0.5 for r in rows)
+    fresh = _tiny_llama()
+    again = _started(GradualPruning(0.7, start_step=5, end_step=6, masks=str(folder / "masks.safetensors")), fresh)
+    for name, mask in cb.masks.items():
+        assert torch.equal(again.masks[name], mask)
+        assert (fresh.get_submodule(name).weight[~mask] == 0).all()
+    with pytest.raises(SlimtuneError, match="not a target"):
+        _started(GradualPruning(0.5, end_step=1, targets=["q_proj"], masks=str(folder / "masks.safetensors")),
+                 _tiny_llama())
