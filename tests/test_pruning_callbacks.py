@@ -73,8 +73,11 @@ def test_full_finetune_reaches_the_target_and_pruned_weights_stay_zero_through_o
 
 
 def test_lora_prunes_the_base_and_the_merge_keeps_the_zeros(tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
     cfg = compose(*_overrides(tmp_path, text_file, "callbacks.gradual_pruning.score=wanda",
-                              "callbacks.gradual_pruning.start_step=1", "callbacks.gradual_pruning.granularity=row"))
+                              "callbacks.gradual_pruning.start_step=1", "callbacks.gradual_pruning.granularity=row",
+                              "callbacks.gradual_pruning.mask_adapter=true"))
     job = prepare(cfg)
     report = finish(fit(job))
     callback = _pruning(job)
@@ -88,6 +91,12 @@ def test_lora_prunes_the_base_and_the_merge_keeps_the_zeros(tmp_path, text_file)
         weight = merged[f"{name}.weight"]
         assert (weight[~mask] == 0).all()
         torch.testing.assert_close(weight[mask], (ref.layer.weight.detach() + delta)[mask])
+    # mask_adapter: the trained LoRA model computes what the merged model computes
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = job.model.eval()(input_ids=ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(report["merged_dir"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(trained, dense, rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
 
 
 def _resume_overrides(out, text_file, *extra):

@@ -8,7 +8,8 @@ The math is `slimtune.prune` (pure torch); this module is the lifecycle:
   moments (Adam keeps moving a weight whose gradient turned zero) nor weight decay bring them back.
 * **LoRA.** With a frozen base and LoRA adapters, the base is pruned while the adapters train. Each pruned base layer
   carries its mask (`slimtune_prune_mask`), which `slimtune.models.merge` applies to the merged weight: the adapter's
-  delta is masked, not added to pruned positions, so the merged model keeps the zeros.
+  delta is masked, not added to pruned positions, so the merged model keeps the zeros. With `mask_adapter=true` the
+  forward masks the delta too, so the trained model and the merged model compute the same thing.
 * **Resume.** Masks, accumulated scores (movement, Taylor, Wanda's input norms) and the schedule's position are the
   callback's `state_dict`; a resumed fit re-applies the masks to the rebuilt base, so `ckpt_path=last` ends where the
   uninterrupted run ends. OneShotPruning also keeps SparseGPT's updated weights (the base is not in slimtune's
@@ -135,8 +136,10 @@ class _MaskedTraining(SlimtuneCallback):
     exports = ("pruning",)
     owner = "pruning"
 
-    def _init_common(self, targets, exclude, export_dir, model, masks_path=None) -> None:
+    def _init_common(self, targets, exclude, export_dir, model, masks_path=None, mask_adapter=False) -> None:
         owner = type(self).__name__
+        self.mask_adapter = check_bool(mask_adapter, "mask_adapter", owner)
+        self._adapter_hooks: dict[str, Any] = {}
         self.targets = _patterns(targets, "targets", owner)
         self.exclude = _exclude(exclude, owner)
         self.export_dir = check_path(export_dir, "export_dir", owner)
@@ -179,6 +182,26 @@ class _MaskedTraining(SlimtuneCallback):
             self.masks[name] = mask
             layer.weight.data.mul_(mask)
             setattr(layer, MASK_ATTR, mask)
+            wrapper = self._refs[name].wrapper
+            if self.mask_adapter and wrapper is not None and hasattr(wrapper, "get_delta_weight") \
+                    and name not in self._adapter_hooks:
+                self._adapter_hooks[name] = wrapper.register_forward_hook(self._masked_delta_hook(name))
+
+    def _masked_delta_hook(self, name: str):
+        """The LoRA layer computes `base(x) + delta x`; take back the delta's pruned positions, so the layer computes
+        with `mask * (W + delta)`, what the merged model holds."""
+        import torch.nn.functional as F
+
+        def hook(module, inputs, output):
+            if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+                return output
+            adapters = [a for a in module.active_adapters if a in getattr(module, "lora_A", {})]
+            if not adapters:
+                return output
+            delta = sum(module.get_delta_weight(a) for a in adapters)
+            pruned = delta * ~self.masks[name].to(delta.device)
+            return output - F.linear(inputs[0].to(pruned.dtype), pruned).to(output.dtype)
+        return hook
 
     @torch.no_grad()
     def enforce(self) -> None:
@@ -302,7 +325,7 @@ class _MaskedTraining(SlimtuneCallback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for handle in self._grad_handles:
             handle.remove()
-        self._grad_handles = []
+        self._grad_handles = []  # the adapter hooks stay: after the fit the model still computes as it trained
 
     def _common_state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "masks": {n: m.to("cpu") for n, m in self.masks.items()},
@@ -357,6 +380,9 @@ class GradualPruning(_MaskedTraining):
         targets, exclude: layers (slimtune.select's rule); default every linear layer but `lm_head`.
         masks: a `masks.safetensors` (from an earlier run's export) to start from: those weights are zeroed at fit
             start and stay pruned until the schedule's masks replace them.
+        mask_adapter: with LoRA, mask the adapter's delta in the forward too, so the model trains as the merged model
+            computes (`mask * (W + delta)`); costs one more dense matmul per pruned layer. Off: the adapters train
+            dense and only the merge masks their delta.
         export_dir: also write the sparsity table, plot and masks there at fit end.
         model: the model (see `slimtune.callbacks._base.resolve_model`).
     """
@@ -376,6 +402,7 @@ class GradualPruning(_MaskedTraining):
         targets: str | Sequence[str] = "all-linear",
         exclude: Sequence[str] = ("lm_head",),
         masks: str | None = None,
+        mask_adapter: bool = False,
         export_dir: str | None = None,
         model: Any = None,
     ):
@@ -427,7 +454,7 @@ class GradualPruning(_MaskedTraining):
         if granularity in ("global", "nm", *STRUCTURED) and (self.layer_sparsity or self.owl):
             raise SlimtuneError(f"{owner} layer_sparsity/owl are not valid with granularity={granularity}; valid: "
                                 "granularity=layer or row")
-        self._init_common(targets, exclude, export_dir, model, masks)
+        self._init_common(targets, exclude, export_dir, model, masks, mask_adapter)
         self.last_update: int = -1  # the step of the last mask update
         self.current_target: float = 0.0
         self.layer_final: dict[str, float] = {}
@@ -663,6 +690,7 @@ class OneShotPruning(_MaskedTraining):
         damp, block_size: SparseGPT's Hessian dampening (fraction of the mean diagonal) and columns per block.
         quant_bits, quant_group_size: SparseGPT only: also GPTQ-quantize the kept weights to that grid, jointly (the
             layers keep float weights holding the grid values and exact zeros).
+        mask_adapter: as GradualPruning's.
         targets, exclude: layers (slimtune.select's rule). tokenizer: for the calibration text (default
             `pl_module.tokenizer`). export_dir: also write the sparsity table, plot and masks there at fit end.
     """
@@ -684,6 +712,7 @@ class OneShotPruning(_MaskedTraining):
         block_size: int = 128,
         quant_bits: int | None = None,
         quant_group_size: int | None = 128,
+        mask_adapter: bool = False,
         tokenizer: Any = None,
         export_dir: str | None = None,
         progress: bool = True,
@@ -727,7 +756,7 @@ class OneShotPruning(_MaskedTraining):
         self.tokenizer = check_tokenizer_arg(tokenizer, owner)
         self.progress = check_bool(progress, "progress", owner)
         self.verbose = check_bool(verbose, "verbose", owner)
-        self._init_common(targets, exclude, export_dir, model)
+        self._init_common(targets, exclude, export_dir, model, mask_adapter=mask_adapter)
         self.weights: dict[str, torch.Tensor] = {}  # SparseGPT's updated weights (CPU), for resume
         self.seconds: float | None = None
         self._applied_to: int | None = None
