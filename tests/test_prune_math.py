@@ -253,3 +253,40 @@ def test_one_shot_calibrated_methods_need_data():
         prune_model_oneshot(_tiny_llama(), "obs", 0.5)
     with pytest.raises(SlimtuneError, match="matches no layer"):
         prune_model_oneshot(_tiny_llama(), "magnitude", 0.5, targets=["nothing_here"])
+
+
+def test_shrinking_removes_pruned_channels_and_heads_exactly_and_stock_transformers_loads_it(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY_LLAMA
+    from slimtune.prune import shrink_model
+    from slimtune.select import linear_layers
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY_LLAMA, "num_key_value_heads": 4})).eval()
+    names = [n for n in linear_layers(model) if n != "lm_head"]
+    widths = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    scores = {n: magnitude_score(model.get_submodule(n).weight) for n in names}
+    masks = {**structured_masks(scores, find_structured_groups(names, "channels", widths=widths), 0.25),
+             **structured_masks(scores, find_structured_groups(names, "heads", num_heads=4), 0.5)}
+    with torch.no_grad():
+        for n, m in masks.items():
+            model.get_submodule(n).weight.mul_(m)
+    ids = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pruned_logits = model(input_ids=ids).logits
+    size = sum(p.numel() for p in model.parameters())
+    removed = shrink_model(model, masks)
+    assert removed == {"channels_removed": 32, "heads_removed": 2}
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (96, 64)
+    assert model.model.layers[1].self_attn.k_proj.weight.shape == (32, 64)
+    model.save_pretrained(tmp_path / "small")
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    assert (small.config.intermediate_size, small.config.num_attention_heads, small.config.head_dim) == (96, 2, 16)
+    assert sum(p.numel() for p in small.parameters()) == size - 2 * (3 * 32 * 64 + 4 * 32 * 64)  # per block
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, pruned_logits, rtol=1e-4, atol=1e-4)
+    gqa = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA))
+    with pytest.raises(SlimtuneError, match="removing attention heads needs plain multi-head attention"):
+        shrink_model(gqa, structured_masks({n: magnitude_score(gqa.get_submodule(n).weight) for n in names},
+                                           find_structured_groups(names, "heads", num_heads=4), 0.5))

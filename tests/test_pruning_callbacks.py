@@ -99,6 +99,23 @@ def test_lora_prunes_the_base_and_the_merge_keeps_the_zeros(tmp_path, text_file)
     torch.testing.assert_close(trained, dense, rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
 
 
+def test_structured_pruning_exports_a_smaller_model_that_computes_as_the_pruned_one(tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose(*_overrides(tmp_path, text_file, "callbacks.gradual_pruning.granularity=channels",
+                              "trainer.max_steps=3", "callbacks.gradual_pruning.end_step=2",
+                              "callbacks.gradual_pruning.final_sparsity=0.25", "export.shrunk=true"))
+    report = run(cfg)
+    assert report["prune_shrunk_channels_removed"] == 32  # a quarter of 128 in each block
+    merged = AutoModelForCausalLM.from_pretrained(report["merged_dir"]).eval()
+    small = AutoModelForCausalLM.from_pretrained(report["shrunk_dir"]).eval()
+    assert small.config.intermediate_size == 96 and small.model.layers[1].mlp.down_proj.weight.shape == (64, 96)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in merged.parameters()) - 2 * 3 * 32 * 64
+    ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def _resume_overrides(out, text_file, *extra):
     return _overrides(out, text_file, "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
                       "model.lora.dropout=0.1", "checkpoint.every_n_train_steps=4", "checkpoint.save_top_k=-1", "export.merged=false", *extra)

@@ -20,7 +20,9 @@ The math is `slimtune.prune` (pure torch); this module is the lifecycle:
 
 Report: `prune_sparsity` (zeros over all targets), `prune_sparsity_<layer type>` (`q_proj`, ...), `prune_layers`,
 `prune_target` (the schedule's last target); unless `export.pruning=false` (and in `export_dir`) a per-layer table
-`sparsity.csv` and plot `sparsity.png`, and `masks.safetensors`, which `load_masks` reads to continue training.
+`sparsity.csv` and plot `sparsity.png` (with matplotlib installed), and `masks.safetensors`, which `load_masks` reads
+to continue training; with `export.shrunk=true` the merged model with the pruned heads/channels removed from its
+shapes and config (`shrunk/`, for granularity heads/channels).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class _MaskedTraining(SlimtuneCallback):
     """What both pruning callbacks do with masks: hold them, keep them enforced, share them across processes, report,
     export, and carry them through checkpoints."""
 
-    exports = ("pruning",)
+    exports = ("pruning", "shrunk")
     owner = "pruning"
 
     def _init_common(self, targets, exclude, export_dir, model, masks_path=None, mask_adapter=False) -> None:
@@ -268,9 +270,31 @@ class _MaskedTraining(SlimtuneCallback):
         return type(self).__name__
 
     def export(self, model: nn.Module, out_dir: Path, tokenizer, cfg) -> dict[str, str]:
-        if not export_switch(cfg, "pruning", default=True) or not self._refs:
+        if not self._refs:
             return {}
-        return {"pruning_dir": str(self.write_tables(Path(out_dir) / "pruning"))}
+        written = {}
+        if export_switch(cfg, "pruning", default=True):
+            written["pruning_dir"] = str(self.write_tables(Path(out_dir) / "pruning"))
+        if export_switch(cfg, "shrunk"):
+            written["shrunk_dir"] = str(self.write_shrunk(model, Path(out_dir) / "shrunk", tokenizer))
+            written.update({f"prune_{k}": v for k, v in self.stats.items() if k.startswith("shrunk_")})
+        return written
+
+    def write_shrunk(self, model: nn.Module, directory: Path, tokenizer=None) -> Path:
+        """The merged model (adapters folded in, zeros kept) with the fully pruned MLP channels and attention heads
+        removed from its shapes and config (`slimtune.prune.shrink_model`): smaller, and stock transformers loads it."""
+        from slimtune.models.merge import atomic_directory, merge_to_dense
+        from slimtune.prune.shrink import shrink_model
+
+        dense = merge_to_dense(model, next(iter(self._refs.values())).layer.weight.dtype)
+        removed = shrink_model(dense, {n: m.cpu() for n, m in self.masks.items()})
+        self.stats.update({f"shrunk_{k}": v for k, v in removed.items()})
+        self.stats["shrunk_params"] = sum(p.numel() for p in dense.parameters())
+        with atomic_directory(directory) as tmp:
+            dense.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return Path(directory)
 
     def write_tables(self, folder: Path) -> Path:
         """`sparsity.csv` (layer, type, shape, sparsity), `sparsity.png` (if matplotlib is installed) and

@@ -110,7 +110,13 @@ def prune_model_oneshot(
     masks: dict[str, torch.Tensor] = {}
     try:
         inputs = capture_block_inputs(base, blocks, batches, device)
-        for i, block in enumerate(blocks):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            def tqdm(x, **_):
+                return x
+        for i in tqdm(range(len(blocks)), desc=f"{method} blocks", disable=not progress):
+            block = blocks[i]
             home = _module_device(block)
             dev = device if device is not None else home
             if device is not None:
