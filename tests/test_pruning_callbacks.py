@@ -259,6 +259,9 @@ def test_bad_gradual_arguments_are_one_line_errors(kwargs, message):
     (["callbacks.gradual_pruning.granularity=nm", "callbacks.gradual_pruning.final_sparsity=null",
       "callbacks.gradual_pruning.nm='3:5'"], "M=5 does not divide the input width"),
     (["callbacks.gradual_pruning.layer_sparsity={.*mlp.*: 0.3, no_such: 0.2}"], "pattern 'no_such' matches no target"),
+    (["export.shrunk=true"], "export.shrunk=true needs structured pruning and GradualPruning has granularity=layer"),
+    (["callbacks.gradual_pruning.granularity=heads", "callbacks.gradual_pruning.targets=[q_proj]"],
+     "needs model.layers.0.self_attn.o_proj among the targets"),
 ])
 def test_bad_runs_are_refused_before_training(tmp_path, text_file, extra, message):
     with pytest.raises(SlimtuneError, match=message):

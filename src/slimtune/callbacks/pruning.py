@@ -491,6 +491,9 @@ class GradualPruning(_MaskedTraining):
     # ------------------------------------------------------------------ the run's seam
 
     def check_run(self, cfg) -> None:
+        if export_switch(cfg, "shrunk") and self.granularity not in STRUCTURED:
+            raise SlimtuneError(f"export.shrunk=true needs structured pruning and GradualPruning has granularity="
+                                f"{self.granularity}; valid: granularity=heads or channels, or export.shrunk=false")
         max_steps = (cfg.get("trainer") or {}).get("max_steps")
         if isinstance(max_steps, int) and max_steps > 0 and self.schedule.end_step > max_steps:
             raise SlimtuneError(f"GradualPruning end_step={self.schedule.end_step} is beyond trainer.max_steps="
@@ -787,6 +790,11 @@ class OneShotPruning(_MaskedTraining):
 
     def method_name(self) -> str:
         return self.method + (f"_{self.nm[0]}of{self.nm[1]}" if self.nm else "")
+
+    def check_run(self, cfg) -> None:
+        if export_switch(cfg, "shrunk"):
+            raise SlimtuneError("export.shrunk=true needs structured pruning and OneShotPruning prunes single weights; "
+                                "valid: GradualPruning with granularity=heads or channels, or export.shrunk=false")
 
     def check_model(self, model: nn.Module, cfg) -> None:
         refs = self._targets(model)
