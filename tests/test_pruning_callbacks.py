@@ -168,17 +168,18 @@ class DumpMasks(Callback):
 '''
 
 
-@pytest.mark.slow  # 2 processes, about a minute
-def test_masks_are_identical_on_every_rank_of_two_ddp_processes(tmp_path, text_file):
+@pytest.mark.slow  # 2 processes, about a minute each
+@pytest.mark.parametrize("strategy, finetune", [("ddp", "full"), ("deepspeed_zero2", "lora")])
+def test_masks_are_identical_on_every_rank_of_two_processes(tmp_path, text_file, strategy, finetune):
     (tmp_path / "dump_masks.py").write_text(MASK_DUMP)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(tmp_path), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
     out = tmp_path / "run"
     # Wanda scores come from each rank's own batches: without the broadcast the masks would differ
-    args = [*_overrides(out, text_file, "strategy=ddp", "trainer.devices=2", "data.batch_size=2",
+    args = [*_overrides(out, text_file, f"strategy={strategy}", "trainer.devices=2", "data.batch_size=2",
                         "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
-                        "model.finetune=full", "trainer.max_steps=6", "callbacks.gradual_pruning.end_step=4",
+                        f"model.finetune={finetune}", "trainer.max_steps=6", "callbacks.gradual_pruning.end_step=4",
                         "export.merged=false"),
             "+callbacks.dump._target_=dump_masks.DumpMasks", f"+callbacks.dump.folder={tmp_path}"]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,

@@ -570,6 +570,9 @@ class GradualPruning(_MaskedTraining):
         return hook
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending_state is not None:  # DeepSpeed restores callbacks after on_fit_start
+            self._restore(self._pending_state)
+            self._pending_state = None
         step = trainer.global_step
         if self.schedule.is_update_step(step) and self.last_update < step:
             self.update(step, trainer)  # start_step=0: magnitude only (checked in __init__)
@@ -830,6 +833,11 @@ class OneShotPruning(_MaskedTraining):
         if self._applied_to == id(model):
             return
         self.prune(model, trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending_state is not None:  # DeepSpeed restores callbacks after on_fit_start
+            self._restore(self._pending_state)
+            self._pending_state = None
 
     def _state_from_checkpoint(self, ckpt_path) -> dict[str, Any] | None:
         path = Path(str(ckpt_path))
