@@ -664,6 +664,8 @@ class GradualPruning(_MaskedTraining):
         self.last_update = step
         self.current_target = target
         self.stats = {"target": target, "last_update_step": step}
+        if trainer is not None and trainer.loggers:
+            log_to_loggers(trainer, {"prune/sparsity": self.sparsity()["overall"]})
         if step >= self.schedule.end_step and self._hooks:
             for handle in self._hooks:  # the masks are final: no more input statistics
                 handle.remove()
