@@ -290,3 +290,18 @@ def test_shrinking_removes_pruned_channels_and_heads_exactly_and_stock_transform
     with pytest.raises(SlimtuneError, match="removing attention heads needs plain multi-head attention"):
         shrink_model(gqa, structured_masks({n: magnitude_score(gqa.get_submodule(n).weight) for n in names},
                                            find_structured_groups(names, "heads", num_heads=4), 0.5))
+
+
+def test_one_shot_sparsegpt_with_a_4bit_grid_gives_2of4_weights_on_the_grid():
+    model = _tiny_llama().requires_grad_(False)
+    batches = [torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    masks = prune_model_oneshot(model, "sparsegpt", nm=(2, 4), calib_batches=batches, spec=QuantSpec(4, 32),
+                                targets=["up_proj", "o_proj"])
+    assert len(masks) == 4
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+        groups = weight.reshape(weight.shape[0], -1, 32)
+        assert max(groups[r, g].unique().numel() for r in range(weight.shape[0]) for g in range(groups.shape[1])) <= 16
+    with pytest.raises(SlimtuneError, match="joint quantization is not valid with method=wanda"):
+        prune_model_oneshot(_tiny_llama(), "wanda", 0.5, calib_batches=batches, spec=QuantSpec(4, 32))
