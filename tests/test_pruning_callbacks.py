@@ -162,37 +162,50 @@ class DumpMasks(Callback):
         self.folder = folder
 
     def on_fit_end(self, trainer, pl_module):
-        from slimtune.callbacks import GradualPruning
+        from slimtune.callbacks import GradualPruning, OneShotPruning
 
-        cb = next(c for c in trainer.callbacks if isinstance(c, GradualPruning))
+        cb = next(c for c in trainer.callbacks if isinstance(c, (GradualPruning, OneShotPruning)))
         torch.save({"masks": {n: m.cpu() for n, m in cb.masks.items()},
                     "weights": {n: r.layer.weight.detach().cpu() for n, r in cb._refs.items()}},
                    f"{self.folder}/rank{trainer.global_rank}.pt")
 '''
 
 
-@pytest.mark.slow  # 2 processes, about a minute each
-@pytest.mark.parametrize("strategy, finetune", [("ddp", "full"), ("deepspeed_zero2", "lora")])
-def test_masks_are_identical_on_every_rank_of_two_processes(tmp_path, text_file, strategy, finetune):
+def _two_processes(tmp_path, args):
     (tmp_path / "dump_masks.py").write_text(MASK_DUMP)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(tmp_path), env.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
-    out = tmp_path / "run"
-    # Wanda scores come from each rank's own batches: without the broadcast the masks would differ
-    args = [*_overrides(out, text_file, f"strategy={strategy}", "trainer.devices=2", "data.batch_size=2",
-                        "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
-                        f"model.finetune={finetune}", "trainer.max_steps=6", "callbacks.gradual_pruning.end_step=4",
-                        "export.merged=false"),
+    args = [*args, "trainer.devices=2", "data.batch_size=2", "export.merged=false",
             "+callbacks.dump._target_=dump_masks.DumpMasks", f"+callbacks.dump.folder={tmp_path}"]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["masks"]
     for name, mask in ranks[0]["masks"].items():
         assert int((~mask).sum()) == mask.numel() // 2
         assert torch.equal(mask, ranks[1]["masks"][name])
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+
+
+@pytest.mark.slow  # 2 processes, about a minute each
+@pytest.mark.parametrize("strategy, finetune", [("ddp", "full"), ("deepspeed_zero2", "lora")])
+def test_masks_are_identical_on_every_rank_of_two_processes(tmp_path, text_file, strategy, finetune):
+    # Wanda scores come from each rank's own batches: without the broadcast the masks would differ
+    _two_processes(tmp_path, _overrides(tmp_path / "run", text_file, f"strategy={strategy}",
+                                        "callbacks.gradual_pruning.score=wanda", "callbacks.gradual_pruning.start_step=1",
+                                        f"model.finetune={finetune}", "trainer.max_steps=6",
+                                        "callbacks.gradual_pruning.end_step=4"))
+
+
+@pytest.mark.slow
+def test_one_shot_sparsegpt_gives_every_rank_the_same_pruned_base(tmp_path, text_file):
+    preset = "callbacks.oneshot_sparsegpt_50"
+    _two_processes(tmp_path, tiny_run_overrides(
+        tmp_path / "run", f"data.path={text_file}", "model.quantization=none", "callbacks=[oneshot_sparsegpt_50]",
+        "strategy=ddp", "trainer.max_steps=2", "trainer.limit_val_batches=0", f"{preset}.calibration=corpus",
+        f"{preset}.n_samples=4", f"{preset}.seq_len=64", f"{preset}.progress=false"))
 
 
 @pytest.mark.parametrize("method, extra, pattern", [

@@ -234,10 +234,20 @@ class _MaskedTraining(SlimtuneCallback):
             out[name] = buffer.bool().to(mask.device)
         return out
 
-    def _detach_from_layers(self) -> None:
+    @torch.no_grad()
+    def _broadcast_weights(self, trainer) -> None:
+        """Rank 0's target weights on every rank."""
+        if trainer is None or trainer.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = trainer.strategy.root_device
         for ref in self._refs.values():
-            if hasattr(ref.layer, MASK_ATTR):
-                delattr(ref.layer, MASK_ATTR)
+            buffer = ref.layer.weight.data.to(device).contiguous()
+            dist.broadcast(buffer, src=0)
+            ref.layer.weight.data.copy_(buffer)
 
     # ------------------------------------------------------------------ numbers
 
@@ -882,7 +892,7 @@ class OneShotPruning(_MaskedTraining):
                                         progress=self.progress)
         masks = self._broadcast(masks, trainer)
         if self.method == "sparsegpt":
-            # every rank computed the same update from the same calibration windows and weights
+            self._broadcast_weights(trainer)  # floating-point order may differ between ranks' GPUs: rank 0's weights
             self.weights = {n: self._refs[n].layer.weight.detach().to("cpu", copy=True) for n in names}
         self._set_masks(masks)
         self._measure(trainer, pl_module, "after_prune")
