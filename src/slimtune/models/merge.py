@@ -53,6 +53,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight = weight + module.get_delta_weight(adapter).float()
+            weight = _keep_pruned_zeros(module.get_base_layer(), weight)
             state[f"{name}.weight"] = weight.to(dtype)
             bias = getattr(module.get_base_layer(), "bias", None)
             if bias is not None:
@@ -91,6 +92,13 @@ def _merged_parameters(name: str, wrapper: nn.Module, dtype: torch.dtype) -> dic
         value = tensor.detach().float() + deltas[key] if key in deltas else tensor.detach()
         state[f"{name}.{key}"] = value.to(dtype) if value.is_floating_point() else value
     return state
+
+
+def _keep_pruned_zeros(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A pruned base layer (slimtune.callbacks.pruning) carries its keep-mask: the adapter's delta is masked, so the
+    merged weight keeps the pruned zeros."""
+    mask = getattr(layer, "slimtune_prune_mask", None)
+    return weight if mask is None else weight * mask.to(weight.device, weight.dtype)
 
 
 def _ancestors(root: nn.Module, name: str):
