@@ -182,7 +182,8 @@ def test_model_states_equal_deepspeeds_estimator(recipe, strategy):
 
     offload = strategy.endswith("offload")
     for devices in (1, 2, 4):
-        est = _full_finetune(recipe, "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
+        est = _full_finetune(recipe, "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices,
+                                                                 on_gpu=True)  # DeepSpeed estimates GPUs
         total, largest = est.params_total, est.largest_layer_params
         if strategy.startswith("deepspeed_zero2"):
             cpu, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=devices, cpu_offload=offload)
@@ -267,7 +268,8 @@ def test_sharding_divides_what_each_strategy_shards():
     """7B full fine-tune, bf16-mixed: ZeRO-2 shards gradients and states, ZeRO-3/FSDP the parameters too; DDP adds a
     second copy of the gradients; offload moves states to the CPU."""
     def run(strategy, devices):
-        return _full_finetune("qlora_7b", "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
+        return _full_finetune("qlora_7b", "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices,
+                                                                      on_gpu=True)
 
     single, ddp = run("single", 1), run("ddp", 2)
     n = single.params_trainable
@@ -279,7 +281,8 @@ def test_sharding_divides_what_each_strategy_shards():
     fsdp = run("fsdp", 4)
     assert fsdp.value("trainable") == 2 * n / 4 and fsdp.value("gradients") == 2 * n / 4
     direct = estimate_run(compose("recipe=qlora_7b", "model.quantization=none", "model.finetune=full",
-                                  "optimizer.name=adamw", "estimate.strategy=deepspeed_zero3", "estimate.devices=4"))
+                                  "optimizer.name=adamw", "estimate.strategy=deepspeed_zero3", "estimate.devices=4",
+                                  "trainer.accelerator=gpu"))
     assert [(line.key, line.device) for line in direct.lines] == [(line.key, line.device) for line in z3.lines]
     offload = run("deepspeed_zero3_offload", 4)
     assert offload.value("optimizer") == 0 and offload.line("optimizer").cpu > 0
