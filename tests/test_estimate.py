@@ -430,6 +430,86 @@ print("ENGINE " + json.dumps(seen))
         assert engine["master_bytes"] == est.value("master")
 
 
+def test_zero3_keeps_gathered_what_its_reuse_distance_covers():
+    """DeepSpeed's default stage3_max_reuse_distance (1e9) keeps a small model gathered from its forward into its
+    backward; a large one only its last layers (and a tied embedding, last used as lm_head)."""
+    from slimtune.estimate import numerics, zero3_kept_bytes
+
+    est = _under("deepspeed_zero3", devices=2)
+    num, params = numerics(est.settings), est.params
+    total = sum(p.numel for p in params)
+    embed = next(p.numel for p in params if p.name.endswith("embed_tokens.weight"))
+    layer = (total - embed - 64) // 3  # 3 decoder layers and the final norm (64 values)
+    assert zero3_kept_bytes(params, 10**9, "none", True, num) == 4 * total
+    # a parameter stays when twice the values used after it (the tied embedding last, as lm_head) are below the distance
+    assert zero3_kept_bytes(params, 2 * embed, "none", True, num) == 4 * embed
+    reach = embed + 64 + layer + layer // 2
+    partial = zero3_kept_bytes(params, 2 * reach, "none", True, num)
+    assert 4 * (embed + 64 + 1.25 * layer) < partial < 4 * (embed + 64 + 1.75 * layer)
+    assert zero3_kept_bytes(params, 3 * reach, "none", True, num, checkpointing=True) == partial
+    # the first block's norm and frozen q/k/v have no backward use when the embeddings are frozen: released
+    first_qkv_norm = 64 * 64 + 2 * 64 * 32 + 64
+    assert zero3_kept_bytes(params, 10**9, "none", True, num, frozen_embeddings=True) == 4 * (total - first_qkv_norm)
+    assert est.value("zero3_kept") == 4 * (total - first_qkv_norm) - est.value("gathered") / 2  # in-flight layer once
+
+
+@pytest.mark.slow
+def test_zero3_keeps_gathered_the_parameters_deepspeed_keeps(tmp_path):
+    """A real ZeRO-3 engine (one CPU process): the parameters still gathered after the forward of a later step equal
+    the estimate's rule (exactly where whole layers fall inside or outside the distance; within 10% where it cuts one,
+    as DeepSpeed decides per module in execution order)."""
+    script = tmp_path / "kept.py"
+    script.write_text(f"""
+import json, os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from slimtune.models import load_model
+kept = {{}}
+for distance in map(int, sys.argv[2:]):
+    model = load_model({_model_cfg()!r})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    zero = {{"stage": 3, "stage3_max_reuse_distance": distance, "stage3_param_persistence_threshold": 0,
+             "stage3_prefetch_bucket_size": 0}}  # the reuse rule alone: no parameters gathered ahead of time
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={{
+        "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True, "zero_optimization": zero}})
+    ids = torch.randint(0, 2048, (1, 16))
+    for step in range(3):  # DeepSpeed traces the modules in the first step and keeps parameters from then on
+        loss = engine(input_ids=ids, labels=ids).loss
+        kept[distance] = sum(p.ds_numel * 4 for p in model.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)
+        kept[f"released {{distance}}"] = [n for n, p in model.named_parameters()
+                                          if p.ds_status != ZeroParamStatus.AVAILABLE]
+        engine.backward(loss)
+        engine.step()
+print("KEPT " + json.dumps(kept))
+""")
+    import json
+    import socket
+
+    from slimtune.estimate import numerics, zero3_kept_bytes
+
+    est = _under("deepspeed_zero3", devices=1)
+    total = sum(p.numel for p in est.params)
+    embed = next(p.numel for p in est.params if p.name.endswith("embed_tokens.weight"))
+    layer = (total - embed - 64) // 3
+    distances = [10**9, 2 * embed, 2 * (embed + 64 + layer + layer // 2)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(port), *map(str, distances)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("KEPT ")), None)
+    assert line is not None, done.stderr[-2000:]
+    measured = {int(k) if k.isdigit() else k: v for k, v in json.loads(line[len("KEPT "):]).items()}
+    predicted = {d: zero3_kept_bytes(est.params, d, "none", True, numerics(est.settings), frozen_embeddings=True)
+                 for d in distances}
+    first_qkv_norm = 64 * 64 + 2 * 64 * 32 + 64  # layer 0's frozen q, k, v (2 kv heads of 16) and input norm
+    assert measured[distances[0]] == predicted[distances[0]] == 4 * (total - first_qkv_norm)
+    assert measured[distances[1]] == predicted[distances[1]] == 4 * embed
+    assert measured[distances[2]] == pytest.approx(predicted[distances[2]], rel=0.1)
+
+
 # --------------------------------------------------------------------------- bad input and the command
 
 

@@ -52,7 +52,8 @@ DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level absma
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and kernels, outside torch's allocator (typical for torch 2.x)
 DEEPSPEED_CPU_BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for offloaded states (pinned staging buffers)
 # Lightning's DeepSpeedStrategy defaults (a DeepSpeed JSON uses DeepSpeed's own: 5e8, overlap off for ZeRO-2)
-LIGHTNING_DS_BUCKETS = {"reduce_bucket_size": 200_000_000, "overlap_comm": True, "contiguous_gradients": True}
+LIGHTNING_DS_BUCKETS = {"reduce_bucket_size": 200_000_000, "overlap_comm": True, "contiguous_gradients": True,
+                        "stage3_max_reuse_distance": 1_000_000_000}  # DeepSpeed's default (Lightning sets none)
 LLAMA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
                 "down": ("down_proj",)}
 LLAMA_LINEARS = tuple(name for names in LLAMA_GROUPS.values() for name in names)
@@ -561,6 +562,13 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
         # parameters (its 16-bit values and gradients).
         add("gathered", f"largest layer gathered ({_count(largest)} params: values + gradients)",
             2 * num.act * largest)
+    if strategy in ("deepspeed_zero3", "deepspeed_zero3_offload"):
+        distance = int(settings.buckets.get("stage3_max_reuse_distance", 1_000_000_000))
+        kept = zero3_kept_bytes(params, distance, quant, settings.double_quant, num,
+                                settings.gradient_checkpointing, settings.finetune == "lora") - largest * num.act
+        if kept > 0:
+            add("zero3_kept", f"parameters ZeRO-3 keeps gathered for the backward (stage3_max_reuse_distance "
+                f"{distance:.3g})", kept, phase="backward")
     if strategy == "fsdp":
         # FSDP unshards a unit for its forward and backward: the root (embeddings, final norm, lm_head) stays whole
         # from the forward to the end of the backward (FULL_SHARD keeps the root unsharded), a decoder layer is
@@ -633,6 +641,38 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
                      "buckets counted as the pages gradients are written to, not their full reduce_bucket_size")
     return Estimate(name, model, arch, settings, sum(p.numel for p in params), n_train,
                     sum(p.numel for p in quantized), largest, lines, acts, gpu_gib, notes, list(params))
+
+
+def zero3_kept_bytes(params: list[Param], distance: int, quantization: str, double_quant: bool,
+                     num: Numerics, checkpointing: bool = False, frozen_embeddings: bool = False) -> float:
+    """Bytes of the parameters ZeRO-3 still holds gathered when the backward pass starts (from the second step on,
+    once it has traced the modules): after a module's forward DeepSpeed releases a parameter only if its next use lies
+    more than `stage3_max_reuse_distance` values of traced parameters ahead (`PartitionedParameterCoordinator.
+    __params_to_release`). Between a parameter's forward and backward use lie the rest of the forward and the
+    backward of the same modules, about twice the values after it (three times with gradient checkpointing, whose
+    backward runs each block's forward again): the last parameters of the forward, up to half (a third of) the
+    distance, stay; with DeepSpeed's default of 1e9, whole models under ~500M parameters. Values are counted as
+    ZeRO-3 stores them (a 4-bit base as its uint8 codes). With frozen embeddings and no checkpointing the first
+    block's input norm and frozen q/k/v weights have no backward use (their input needs no gradient): released."""
+    kept, after, passes = 0.0, 0, 3 if checkpointing else 2
+    order = list(params)  # the skeleton lists parameters in forward order (tied ones once, at their first use)
+    if not any(p.name.endswith("lm_head.weight") for p in order):  # tied: the embedding is last used as lm_head
+        order.sort(key=lambda p: p.name.endswith("embed_tokens.weight"))
+    for p in reversed(order):
+        parts = p.name.split(".")
+        first_block = "layers" in parts and parts[parts.index("layers") + 1] == "0"
+        unused = (frozen_embeddings and not checkpointing and first_block and not p.trainable
+                  and ("input_layernorm" in parts or any(n in parts for n in LLAMA_GROUPS["qkv"])))
+        if p.quantized and quantization != "none":
+            stored = quantized_bytes(p.shape, quantization, double_quant)
+            numel, size = -(-p.numel // 2) if quantization != "int8" else p.numel, stored
+        else:
+            numel = p.numel
+            size = p.numel * (num.trainable if p.trainable else num.frozen)
+        if passes * after < distance and not unused:
+            kept += size
+        after += numel
+    return kept
 
 
 def fsdp_units(params: Iterable[Param]) -> tuple[tuple[int, bool], list[tuple[int, bool]]]:
@@ -731,7 +771,8 @@ def strategy_of(node, devices: int) -> tuple[str, dict[str, Any]]:
             offload_parameters = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
             buckets = {"reduce_bucket_size": zero.get("reduce_bucket_size", 500_000_000),
                        "overlap_comm": zero.get("overlap_comm", stage == 3),
-                       "contiguous_gradients": zero.get("contiguous_gradients", True)}
+                       "contiguous_gradients": zero.get("contiguous_gradients", True),
+                       "stage3_max_reuse_distance": zero.get("stage3_max_reuse_distance", 1_000_000_000)}
         if stage == 3:
             if offload_optimizer != offload_parameters:
                 raise SlimtuneError(f"trainer.strategy: ZeRO-3 with offload_optimizer={offload_optimizer} and "
