@@ -12,8 +12,11 @@ targets, which parameters train) and adds up, per device:
 * **activations**: the tensors autograd keeps for the backward pass of a Llama-style decoder (see
   `activation_bytes`), the logits and the loss, and the transients at the start of the backward pass;
 * **the strategy**: ZeRO-2 shards gradients and optimizer states over the devices, ZeRO-3 and FSDP shard the
-  parameters too and gather one layer at a time, offload moves optimizer states (and parameters) to CPU memory, DDP
-  keeps a second copy of the gradients in its buckets.
+  parameters too and gather one layer at a time (ZeRO-3 keeps gathered what its reuse distance covers, FSDP's
+  gradients cover whole units), offload moves optimizer states (and parameters) to CPU memory, DDP keeps a second
+  copy of the gradients in its buckets, DeepSpeed allocates its gradient buckets whole. With a CPU accelerator the
+  figures are each process's resident memory: offloaded states are its own, and of DeepSpeed's buckets only the
+  pages gradients are written into count (untouched `torch.empty` pages are not resident on the CPU).
 
 The model-state formulas equal DeepSpeed's `estimate_zero2/3_model_states_mem_needs` for a full fine-tune with 16-bit
 mixed precision (tested), and the weights of an unquantized model equal accelerate's `calculate_maximum_sizes` (the
