@@ -182,7 +182,8 @@ def test_model_states_equal_deepspeeds_estimator(recipe, strategy):
 
     offload = strategy.endswith("offload")
     for devices in (1, 2, 4):
-        est = _full_finetune(recipe, "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
+        est = _full_finetune(recipe, "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices,
+                                                                 on_gpu=True)  # DeepSpeed estimates GPUs
         total, largest = est.params_total, est.largest_layer_params
         if strategy.startswith("deepspeed_zero2"):
             cpu, gpu = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=devices, cpu_offload=offload)
@@ -267,7 +268,8 @@ def test_sharding_divides_what_each_strategy_shards():
     """7B full fine-tune, bf16-mixed: ZeRO-2 shards gradients and states, ZeRO-3/FSDP the parameters too; DDP adds a
     second copy of the gradients; offload moves states to the CPU."""
     def run(strategy, devices):
-        return _full_finetune("qlora_7b", "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices)
+        return _full_finetune("qlora_7b", "bf16-mixed").with_settings(strategy=strategy, devices_per_node=devices,
+                                                                      on_gpu=True)
 
     single, ddp = run("single", 1), run("ddp", 2)
     n = single.params_trainable
@@ -279,11 +281,233 @@ def test_sharding_divides_what_each_strategy_shards():
     fsdp = run("fsdp", 4)
     assert fsdp.value("trainable") == 2 * n / 4 and fsdp.value("gradients") == 2 * n / 4
     direct = estimate_run(compose("recipe=qlora_7b", "model.quantization=none", "model.finetune=full",
-                                  "optimizer.name=adamw", "estimate.strategy=deepspeed_zero3", "estimate.devices=4"))
+                                  "optimizer.name=adamw", "estimate.strategy=deepspeed_zero3", "estimate.devices=4",
+                                  "trainer.accelerator=gpu"))
     assert [(line.key, line.device) for line in direct.lines] == [(line.key, line.device) for line in z3.lines]
     offload = run("deepspeed_zero3_offload", 4)
     assert offload.value("optimizer") == 0 and offload.line("optimizer").cpu > 0
     assert offload.peak < z3.peak < z2.peak < single.peak
+
+
+def _under(strategy, devices=2, precision="32-true", ds_config=None, **model):
+    """The tiny LoRA run under `strategy` on `devices` CPU processes (a DeepSpeed JSON's buckets with `ds_config`)."""
+    cfg = _run_cfg(_model_cfg(**model), precision)
+    cfg["estimate"] = {"strategy": strategy, "devices": devices}
+    if ds_config is not None:
+        cfg["trainer"]["strategy"] = {"_target_": "lightning.pytorch.strategies.DeepSpeedStrategy", "config": ds_config}
+    return estimate_run(cfg)
+
+
+def test_zero_buckets_are_whole_on_gpus_and_the_pages_written_on_cpus():
+    """DeepSpeed allocates each gradient bucket whole (torch.empty(reduce_bucket_size) in the parameters' dtype;
+    ZeRO-2 two with overlap_comm, for each backward; ZeRO-3 one, for good): a GPU's allocator holds all of it, a CPU
+    process only the pages the gradients are copied into."""
+    zero2 = _under("deepspeed_zero2")
+    zero3 = zero2.with_settings(strategy="deepspeed_zero3")
+    n = zero2.params_trainable
+    assert 0 < n < 200_000_000
+    for est, copies, phase in ((zero2, 2, "backward"), (zero3, 1, "resident")):
+        gpu = est.with_settings(on_gpu=True)
+        assert gpu.line("zero_buckets").device == copies * 200_000_000 * 4
+        assert est.line("zero_buckets").device == n * 4  # fp32 LoRA: 4 bytes per gradient value written
+        assert gpu.line("zero_buckets").phase == est.line("zero_buckets").phase == phase
+    bf16 = zero2.with_settings(precision="bf16-mixed", on_gpu=True)
+    assert bf16.line("zero_buckets").device == 2 * 200_000_000 * 2  # the engine's 16-bit parameters' dtype
+    _, buckets = strategy_of({"_target_": "x.DeepSpeedStrategy", "config": {"zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False}}}, 2)
+    own = zero2.with_settings(buckets=buckets)
+    assert own.line("zero_buckets").device == 1000 * 4  # fewer values than the model trains: the whole bucket
+    assert own.with_settings(on_gpu=True).line("zero_buckets").device == 1000 * 4
+
+
+def test_deepspeed_at_32_bits_keeps_an_fp32_master_copy_and_gradient_partition():
+    zero2 = _under("deepspeed_zero2", devices=4)
+    for est in (zero2, zero2.with_settings(strategy="deepspeed_zero3")):
+        n = est.params_trainable
+        assert est.value("master") == est.value("gradients") == 4 * n / 4
+        assert est.value("optimizer") == pytest.approx(8 * n / 4, abs=4)
+
+
+def test_offloaded_states_of_cpu_processes_are_their_own_memory():
+    """Beside a GPU offloaded states are CPU memory per node (DeepSpeed's accounting, x1.5); on a CPU accelerator
+    each process holds its share, plus ZeRO-3 offload's second fp32 gradient partition for the CPU optimizer."""
+    cpu = _under("deepspeed_zero3_offload")
+    gpu = cpu.with_settings(on_gpu=True)
+    n = cpu.params_trainable
+    assert gpu.value("optimizer") == 0 and gpu.line("optimizer").cpu > 0 and "offload_gradients" not in gpu.as_dict()
+    assert cpu.line("optimizer").cpu == 0 and cpu.value("optimizer") == pytest.approx(8 * n / 2, abs=4)
+    assert cpu.value("offload_gradients") == cpu.value("gradients") == 4 * n / 2
+    assert cpu.model_states_cpu == 0
+    zero3 = cpu.with_settings(strategy="deepspeed_zero3")
+    assert cpu.peak == zero3.peak + cpu.value("offload_gradients")
+
+
+def test_fsdp_gradients_cover_whole_units_as_fsdp_allocates_them():
+    """FSDP with use_orig_params (slimtune's preset) gives every unit that trains a gradient for its whole flat
+    parameter, frozen weights included: the estimate's gradient line equals the gradient storage a real FSDP keeps."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model_cfg = _model_cfg()
+    model = load_model(model_cfg)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                           use_orig_params=True, sharding_strategy=ShardingStrategy.FULL_SHARD,
+                                           device_id=torch.device("cpu"))
+        ids = torch.randint(0, TINY3["vocab_size"], (2, 16))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
+                    for p in wrapped.parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+    cfg = _run_cfg(model_cfg)
+    cfg["estimate"] = {"strategy": "fsdp", "devices": 1}
+    est = estimate_run(cfg)
+    assert sum(storages.values()) == est.value("gradients") > 4 * est.params_trainable
+
+
+@pytest.mark.slow
+def test_deepspeed_allocates_the_buckets_and_master_copy_the_estimate_counts(tmp_path):
+    """A real DeepSpeed engine (one CPU process, gloo) after a step: its bucket buffers and fp32 master partition
+    have the sizes the GPU estimate counts (ZeRO-2 with overlap_comm: two buckets per backward; ZeRO-3: one)."""
+    script = tmp_path / "engine.py"
+    script.write_text(f"""
+import json, os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from deepspeed.runtime.zero import stage_1_and_2
+from slimtune.models import load_model
+seen = {{}}
+setup = stage_1_and_2.DeepSpeedZeroOptimizer.setup_buckets
+def record(self):  # ZeRO-2 makes its buckets for each backward and frees them at its end
+    setup(self)
+    seen["buckets"] = [[b.numel(), b.element_size()] for bucket in self.ipg_buckets.values() for b in bucket.buffer]
+stage_1_and_2.DeepSpeedZeroOptimizer.setup_buckets = record
+stage = int(sys.argv[1])
+model = load_model({_model_cfg()!r})
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+config = {{"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {{"stage": stage, "reduce_bucket_size": 100000, "overlap_comm": True,
+                                "contiguous_gradients": True}}}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+ids = torch.randint(0, 2048, (1, 16))
+engine.backward(engine(input_ids=ids, labels=ids).loss)
+engine.step()
+zero = engine.optimizer
+if stage == 3:
+    seen["buckets"] = [[b.buffer.numel(), b.buffer.element_size()] for b in zero.ipg_buckets.values()]
+    master = zero.fp32_partitioned_groups_flat
+else:
+    master = zero.single_partition_of_fp32_groups
+seen["master_bytes"] = sum(t.numel() * t.element_size() for t in master)
+print("ENGINE " + json.dumps(seen))
+""")
+    import socket
+
+    for stage in (2, 3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script), str(stage), str(port)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        line = next((line for line in done.stdout.splitlines() if line.startswith("ENGINE ")), None)
+        assert line is not None, done.stderr[-2000:]
+        import json
+
+        engine = json.loads(line[len("ENGINE "):])
+        config = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 100000, "overlap_comm": True}}
+        est = _under(f"deepspeed_zero{stage}", devices=1, ds_config=config).with_settings(on_gpu=True)
+        assert sum(numel * size for numel, size in engine["buckets"]) == est.value("zero_buckets")
+        assert engine["master_bytes"] == est.value("master")
+
+
+def test_zero3_keeps_gathered_what_its_reuse_distance_covers():
+    """DeepSpeed's default stage3_max_reuse_distance (1e9) keeps a small model gathered from its forward into its
+    backward; a large one only its last layers (and a tied embedding, last used as lm_head)."""
+    from slimtune.estimate import numerics, zero3_kept_bytes
+
+    est = _under("deepspeed_zero3", devices=2)
+    num, params = numerics(est.settings), est.params
+    total = sum(p.numel for p in params)
+    embed = next(p.numel for p in params if p.name.endswith("embed_tokens.weight"))
+    layer = (total - embed - 64) // 3  # 3 decoder layers and the final norm (64 values)
+    assert zero3_kept_bytes(params, 10**9, "none", True, num) == 4 * total
+    # a parameter stays when twice the values used after it (the tied embedding last, as lm_head) are below the distance
+    assert zero3_kept_bytes(params, 2 * embed, "none", True, num) == 4 * embed
+    reach = embed + 64 + layer + layer // 2
+    partial = zero3_kept_bytes(params, 2 * reach, "none", True, num)
+    assert 4 * (embed + 64 + 1.25 * layer) < partial < 4 * (embed + 64 + 1.75 * layer)
+    assert zero3_kept_bytes(params, 3 * reach, "none", True, num, checkpointing=True) == partial
+    # the first block's norm and frozen q/k/v have no backward use when the embeddings are frozen: released
+    first_qkv_norm = 64 * 64 + 2 * 64 * 32 + 64
+    assert zero3_kept_bytes(params, 10**9, "none", True, num, frozen_embeddings=True) == 4 * (total - first_qkv_norm)
+    assert est.value("zero3_kept") == 4 * (total - first_qkv_norm) - est.value("gathered") / 2  # in-flight layer once
+
+
+@pytest.mark.slow
+def test_zero3_keeps_gathered_the_parameters_deepspeed_keeps(tmp_path):
+    """A real ZeRO-3 engine (one CPU process): the parameters still gathered after the forward of a later step equal
+    the estimate's rule (exactly where whole layers fall inside or outside the distance; within 10% where it cuts one,
+    as DeepSpeed decides per module in execution order)."""
+    script = tmp_path / "kept.py"
+    script.write_text(f"""
+import json, os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from slimtune.models import load_model
+kept = {{}}
+for distance in map(int, sys.argv[2:]):
+    model = load_model({_model_cfg()!r})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    zero = {{"stage": 3, "stage3_max_reuse_distance": distance, "stage3_param_persistence_threshold": 0,
+             "stage3_prefetch_bucket_size": 0}}  # the reuse rule alone: no parameters gathered ahead of time
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={{
+        "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True, "zero_optimization": zero}})
+    ids = torch.randint(0, 2048, (1, 16))
+    for step in range(3):  # DeepSpeed traces the modules in the first step and keeps parameters from then on
+        loss = engine(input_ids=ids, labels=ids).loss
+        kept[distance] = sum(p.ds_numel * 4 for p in model.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)
+        kept[f"released {{distance}}"] = [n for n, p in model.named_parameters()
+                                          if p.ds_status != ZeroParamStatus.AVAILABLE]
+        engine.backward(loss)
+        engine.step()
+print("KEPT " + json.dumps(kept))
+""")
+    import json
+    import socket
+
+    from slimtune.estimate import numerics, zero3_kept_bytes
+
+    est = _under("deepspeed_zero3", devices=1)
+    total = sum(p.numel for p in est.params)
+    embed = next(p.numel for p in est.params if p.name.endswith("embed_tokens.weight"))
+    layer = (total - embed - 64) // 3
+    distances = [10**9, 2 * embed, 2 * (embed + 64 + layer + layer // 2)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(port), *map(str, distances)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    line = next((line for line in done.stdout.splitlines() if line.startswith("KEPT ")), None)
+    assert line is not None, done.stderr[-2000:]
+    measured = {int(k) if k.isdigit() else k: v for k, v in json.loads(line[len("KEPT "):]).items()}
+    predicted = {d: zero3_kept_bytes(est.params, d, "none", True, numerics(est.settings), frozen_embeddings=True)
+                 for d in distances}
+    first_qkv_norm = 64 * 64 + 2 * 64 * 32 + 64  # layer 0's frozen q, k, v (2 kv heads of 16) and input norm
+    assert measured[distances[0]] == predicted[distances[0]] == 4 * (total - first_qkv_norm)
+    assert measured[distances[1]] == predicted[distances[1]] == 4 * embed
+    assert measured[distances[2]] == pytest.approx(predicted[distances[2]], rel=0.1)
 
 
 # --------------------------------------------------------------------------- bad input and the command

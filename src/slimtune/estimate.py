@@ -12,8 +12,11 @@ targets, which parameters train) and adds up, per device:
 * **activations**: the tensors autograd keeps for the backward pass of a Llama-style decoder (see
   `activation_bytes`), the logits and the loss, and the transients at the start of the backward pass;
 * **the strategy**: ZeRO-2 shards gradients and optimizer states over the devices, ZeRO-3 and FSDP shard the
-  parameters too and gather one layer at a time, offload moves optimizer states (and parameters) to CPU memory, DDP
-  keeps a second copy of the gradients in its buckets.
+  parameters too and gather one layer at a time (ZeRO-3 keeps gathered what its reuse distance covers, FSDP's
+  gradients cover whole units), offload moves optimizer states (and parameters) to CPU memory, DDP keeps a second
+  copy of the gradients in its buckets, DeepSpeed allocates its gradient buckets whole. With a CPU accelerator the
+  figures are each process's resident memory: offloaded states are its own, and of DeepSpeed's buckets only the
+  pages gradients are written into count (untouched `torch.empty` pages are not resident on the CPU).
 
 The model-state formulas equal DeepSpeed's `estimate_zero2/3_model_states_mem_needs` for a full fine-tune with 16-bit
 mixed precision (tested), and the weights of an unquantized model equal accelerate's `calculate_maximum_sizes` (the
@@ -52,7 +55,8 @@ DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level absma
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and kernels, outside torch's allocator (typical for torch 2.x)
 DEEPSPEED_CPU_BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for offloaded states (pinned staging buffers)
 # Lightning's DeepSpeedStrategy defaults (a DeepSpeed JSON uses DeepSpeed's own: 5e8, overlap off for ZeRO-2)
-LIGHTNING_DS_BUCKETS = {"reduce_bucket_size": 200_000_000, "overlap_comm": True, "contiguous_gradients": True}
+LIGHTNING_DS_BUCKETS = {"reduce_bucket_size": 200_000_000, "overlap_comm": True, "contiguous_gradients": True,
+                        "stage3_max_reuse_distance": 1_000_000_000}  # DeepSpeed's default (Lightning sets none)
 LLAMA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
                 "down": ("down_proj",)}
 LLAMA_LINEARS = tuple(name for names in LLAMA_GROUPS.values() for name in names)
@@ -175,6 +179,12 @@ def numerics(settings: Settings) -> Numerics:
         adapter = b if bits != 32 else 4
         if bits == 32:  # the module keeps model.dtype; PEFT's adapters are fp32
             trainable = 4 if settings.finetune == "lora" else md
+            if strategy.startswith("deepspeed"):
+                # DeepSpeed at 32 bits still clones an fp32 master copy of each partition for its optimizer
+                # (stage_1_and_2's single_partition_of_fp32_groups, stage3's fp32_partitioned_groups_flat); the
+                # gradients pass through its buckets (counted there) into an fp32 gradient partition.
+                return Numerics(frozen=md, trainable=trainable, grad=0, grad32=4, master=4, state=4, act=md,
+                                residual=md, adapter=adapter, autocast=False)
             return Numerics(frozen=md, trainable=trainable, grad=trainable, grad32=0, master=0, state=trainable,
                             act=md, residual=md, adapter=adapter, autocast=False)
         return Numerics(frozen=b, trainable=b, grad=b, grad32=0, master=0, state=b, act=b, residual=b, adapter=b,
@@ -446,7 +456,7 @@ class Estimate:
     @property
     def model_states(self) -> float:
         """Parameters, gradients and optimizer states per device (DeepSpeed's "model states")."""
-        keys = ("trainable", "gradients", "master", "optimizer", "gathered")
+        keys = ("trainable", "gradients", "offload_gradients", "master", "optimizer", "gathered")
         return sum(line.device for line in self.lines if line.key in keys)
 
     @property
@@ -498,7 +508,9 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
     lines: list[Line] = []
 
     def add(key, label, total, *, shard=1.0, cpu=False, phase="resident"):
-        if cpu:
+        # Offloaded states are CPU memory beside a GPU (DeepSpeed's accounting, x1.5 for its staging buffers); with a
+        # CPU accelerator they are the process's own memory like everything else, its share counted as allocated.
+        if cpu and settings.on_gpu:
             lines.append(Line(key, label, 0.0, total * DEEPSPEED_CPU_BUFFER / settings.nodes, phase))
         else:
             lines.append(Line(key, label, total * shard, 0.0, phase))
@@ -524,9 +536,22 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
         # DeepSpeed: the 16-bit gradients of the layer in flight live in its buckets (below); partitions are fp32.
         grad_total = n_train * (num.grad + num.grad32) if strategy.startswith("deepspeed_zero2") else n_train * num.grad32
         add("gradients", f"gradients, {_dtype_name(num.grad)} + fp32 partition" if strategy.startswith(
-            "deepspeed_zero2") else "gradients, fp32 partition", grad_total, shard=1 / n_dev, cpu=offload_optim)
-        if strategy == "deepspeed_zero2_offload":  # the 16-bit gradients stream through the buckets to the CPU
+            "deepspeed_zero2") and num.grad else "gradients, fp32 partition", grad_total, shard=1 / n_dev,
+            cpu=offload_optim)
+        if strategy == "deepspeed_zero2_offload" and settings.on_gpu:  # the 16-bit gradients stream to the CPU
             lines[-1] = replace(lines[-1], cpu=n_train * num.grad32 * DEEPSPEED_CPU_BUFFER / settings.nodes)
+        if strategy == "deepspeed_zero3_offload" and not settings.on_gpu:
+            # ZeRO-3 offload keeps a second fp32 gradient partition for the CPU optimizer (stage3's
+            # subgroup_gradient_buffer beside grad_partitions_flat_buffer). Beside a GPU it is CPU memory, left to
+            # DeepSpeed's accounting (and its 1.5x buffer factor) above.
+            add("offload_gradients", "fp32 gradient partition of the CPU optimizer", n_train * 4, shard=1 / n_dev)
+    elif strategy == "fsdp":
+        # FSDP (use_orig_params, as slimtune's preset) keeps a gradient for a unit's whole flat parameter once one of
+        # its parameters trains: with LoRA every decoder layer's frozen weights get gradient memory too.
+        root, units = fsdp_units(params)
+        grad_numel = sum(numel for numel, trains in units if trains) + (root[0] if root[1] else 0)
+        label = "gradients" if grad_numel == n_train else f"gradients of whole FSDP units ({_count(grad_numel)} values)"
+        add("gradients", f"{label}, {_dtype_name(num.grad)}", grad_numel * num.grad, shard=per_dev, phase=grad_phase)
     else:
         add("gradients", f"gradients, {_dtype_name(num.grad)}", n_train * num.grad, shard=per_dev, phase=grad_phase)
     if num.master:
@@ -535,18 +560,45 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
     states = optimizer_bytes(settings.optimizer, [n_train] if ds else [p.numel for p in trainable], num.state)
     add("optimizer", f"optimizer states, {settings.optimizer}", states, shard=(1 / n_dev if ds or sharded else 1.0),
         cpu=offload_optim)
-    if sharded:
+    if sharded and strategy != "fsdp":
         # The layer in flight is gathered whole: DeepSpeed's estimator counts 4 bytes x the largest layer's
-        # parameters (its 16-bit values and gradients); FSDP gathers its unit (one module) the same way.
+        # parameters (its 16-bit values and gradients).
         add("gathered", f"largest layer gathered ({_count(largest)} params: values + gradients)",
             2 * num.act * largest)
+    if strategy in ("deepspeed_zero3", "deepspeed_zero3_offload"):
+        distance = int(settings.buckets.get("stage3_max_reuse_distance", 1_000_000_000))
+        kept = zero3_kept_bytes(params, distance, quant, settings.double_quant, num,
+                                settings.gradient_checkpointing, settings.finetune == "lora") - largest * num.act
+        if kept > 0:
+            add("zero3_kept", f"parameters ZeRO-3 keeps gathered for the backward (stage3_max_reuse_distance "
+                f"{distance:.3g})", kept, phase="backward")
+    if strategy == "fsdp":
+        # FSDP unshards a unit for its forward and backward: the root (embeddings, final norm, lm_head) stays whole
+        # from the forward to the end of the backward (FULL_SHARD keeps the root unsharded), a decoder layer is
+        # gathered with the next one prefetched (BACKWARD_PRE) and, when it trains, its whole unsharded gradient.
+        root, units = fsdp_units(params)
+        unit = max((numel for numel, _ in units), default=0)
+        trains = any(t for _, t in units)
+        gathered = root[0] + (2 + trains) * unit
+        add("gathered", f"FSDP units gathered (root {_count(root[0])} + {2 + trains} x layer {_count(unit)} values)",
+            gathered * num.act, phase="backward")
     if strategy == "ddp":
         add("ddp_buckets", "DDP gradient buckets (a second copy of the gradients)", n_train * num.grad)
     if ds and settings.buckets.get("contiguous_gradients", True):
-        copies = 2 if (strategy.startswith("deepspeed_zero2") and settings.buckets.get("overlap_comm")) else 1
+        # DeepSpeed allocates each bucket whole: torch.empty(reduce_bucket_size) in the parameters' dtype per
+        # communication dtype. ZeRO-2 makes them at the first gradient of each backward and frees them at its end
+        # (setup_buckets / _release_ipg_buffers; overlap_comm doubles them); ZeRO-3 once, at init, for good.
+        zero2 = strategy.startswith("deepspeed_zero2")
+        copies = 2 if (zero2 and settings.buckets.get("overlap_comm")) else 1
         size = int(settings.buckets.get("reduce_bucket_size", LIGHTNING_DS_BUCKETS["reduce_bucket_size"]))
-        add("zero_buckets", f"ZeRO gradient buckets ({copies} x reduce_bucket_size {size:.3g})",
-            copies * size * num.grad)
+        label = f"ZeRO gradient buckets ({copies} x reduce_bucket_size {size:.3g})"
+        elements = copies * size
+        if not settings.on_gpu and n_train < elements:
+            # On a CPU accelerator the buckets are untouched pages until gradients are copied in: only as many
+            # values as the model has trainable ones become resident (a GPU's allocator reserves them all).
+            elements = n_train
+            label = f"ZeRO gradient buckets, pages written ({_count(n_train)} of {copies} x {size:.3g} values)"
+        add("zero_buckets", label, elements * num.trainable, phase="backward" if zero2 else "resident")
 
     sites = linear_sites(params)
     ragged = 0.0
@@ -587,8 +639,59 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
         "model states: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs accounting (16-bit params + 18 bytes "
         "per trainable param under DeepSpeed); CPU figures include DeepSpeed's 1.5x buffer factor",
     ]
+    if not settings.on_gpu:
+        notes.append("CPU processes: offloaded states counted as the process's own memory (no 1.5x factor); ZeRO "
+                     "buckets counted as the pages gradients are written to, not their full reduce_bucket_size")
     return Estimate(name, model, arch, settings, sum(p.numel for p in params), n_train,
                     sum(p.numel for p in quantized), largest, lines, acts, gpu_gib, notes, list(params))
+
+
+def zero3_kept_bytes(params: list[Param], distance: int, quantization: str, double_quant: bool,
+                     num: Numerics, checkpointing: bool = False, frozen_embeddings: bool = False) -> float:
+    """Bytes of the parameters ZeRO-3 still holds gathered when the backward pass starts (from the second step on,
+    once it has traced the modules): after a module's forward DeepSpeed releases a parameter only if its next use lies
+    more than `stage3_max_reuse_distance` values of traced parameters ahead (`PartitionedParameterCoordinator.
+    __params_to_release`). Between a parameter's forward and backward use lie the rest of the forward and the
+    backward of the same modules, about twice the values after it (three times with gradient checkpointing, whose
+    backward runs each block's forward again): the last parameters of the forward, up to half (a third of) the
+    distance, stay; with DeepSpeed's default of 1e9, whole models under ~500M parameters. Values are counted as
+    ZeRO-3 stores them (a 4-bit base as its uint8 codes). With frozen embeddings and no checkpointing the first
+    block's input norm and frozen q/k/v weights have no backward use (their input needs no gradient): released."""
+    kept, after, passes = 0.0, 0, 3 if checkpointing else 2
+    order = list(params)  # the skeleton lists parameters in forward order (tied ones once, at their first use)
+    if not any(p.name.endswith("lm_head.weight") for p in order):  # tied: the embedding is last used as lm_head
+        order.sort(key=lambda p: p.name.endswith("embed_tokens.weight"))
+    for p in reversed(order):
+        parts = p.name.split(".")
+        first_block = "layers" in parts and parts[parts.index("layers") + 1] == "0"
+        unused = (frozen_embeddings and not checkpointing and first_block and not p.trainable
+                  and ("input_layernorm" in parts or any(n in parts for n in LLAMA_GROUPS["qkv"])))
+        if p.quantized and quantization != "none":
+            stored = quantized_bytes(p.shape, quantization, double_quant)
+            numel, size = -(-p.numel // 2) if quantization != "int8" else p.numel, stored
+        else:
+            numel = p.numel
+            size = p.numel * (num.trainable if p.trainable else num.frozen)
+        if passes * after < distance and not unused:
+            kept += size
+        after += numel
+    return kept
+
+
+def fsdp_units(params: Iterable[Param]) -> tuple[tuple[int, bool], list[tuple[int, bool]]]:
+    """FSDP's units as slimtune's preset wraps them (wrap_modules "*DecoderLayer"): (values, any trains) of the root
+    (everything outside the decoder layers) and of each decoder layer."""
+    root, layers = [0, False], {}
+    for p in params:
+        parts = p.name.split(".")
+        if "layers" in parts and parts.index("layers") + 1 < len(parts):
+            key = ".".join(parts[:parts.index("layers") + 2])
+            layer = layers.setdefault(key, [0, False])
+        else:
+            layer = root
+        layer[0] += p.numel
+        layer[1] = layer[1] or p.trainable
+    return (root[0], root[1]), [(numel, trains) for numel, trains in layers.values()]
 
 
 def largest_layer(params: Iterable[Param]) -> int:
@@ -671,7 +774,8 @@ def strategy_of(node, devices: int) -> tuple[str, dict[str, Any]]:
             offload_parameters = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
             buckets = {"reduce_bucket_size": zero.get("reduce_bucket_size", 500_000_000),
                        "overlap_comm": zero.get("overlap_comm", stage == 3),
-                       "contiguous_gradients": zero.get("contiguous_gradients", True)}
+                       "contiguous_gradients": zero.get("contiguous_gradients", True),
+                       "stage3_max_reuse_distance": zero.get("stage3_max_reuse_distance", 1_000_000_000)}
         if stage == 3:
             if offload_optimizer != offload_parameters:
                 raise SlimtuneError(f"trainer.strategy: ZeRO-3 with offload_optimizer={offload_optimizer} and "
