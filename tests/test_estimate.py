@@ -366,12 +366,22 @@ def test_fsdp_gradients_cover_whole_units_as_fsdp_allocates_them():
         wrapped(input_ids=ids, labels=ids).loss.backward()
         storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
                     for p in wrapped.parameters() if p.grad is not None}
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # the units' flat gradients survive zero_grad: the memory stays with the process between steps
+        flat = [m._flat_param for m in wrapped.modules()
+                if isinstance(m, FullyShardedDataParallel) and getattr(m, "_flat_param", None) is not None]
+        kept = sum(f.grad.untyped_storage().nbytes() for f in flat if f.grad is not None)
+        views = [p for p in wrapped.parameters() if p.grad is not None]
     finally:
         dist.destroy_process_group()
     cfg = _run_cfg(model_cfg)
     cfg["estimate"] = {"strategy": "fsdp", "devices": 1}
     est = estimate_run(cfg)
     assert sum(storages.values()) == est.value("gradients") > 4 * est.params_trainable
+    assert not views and kept == est.value("gradients")
+    assert next(line for line in est.lines if line.key == "gradients").phase == "resident"
 
 
 @pytest.mark.slow

@@ -547,11 +547,13 @@ def estimate(arch: Architecture, params: list[Param], settings: Settings, *, nam
             add("offload_gradients", "fp32 gradient partition of the CPU optimizer", n_train * 4, shard=1 / n_dev)
     elif strategy == "fsdp":
         # FSDP (use_orig_params, as slimtune's preset) keeps a gradient for a unit's whole flat parameter once one of
-        # its parameters trains: with LoRA every decoder layer's frozen weights get gradient memory too.
+        # its parameters trains: with LoRA every decoder layer's frozen weights get gradient memory too. That flat
+        # gradient outlives optimizer.zero_grad(set_to_none=True), which clears only the original parameters' views,
+        # so from the first backward on it is resident (tests/test_estimate.py checks both against a real FSDP).
         root, units = fsdp_units(params)
         grad_numel = sum(numel for numel, trains in units if trains) + (root[0] if root[1] else 0)
         label = "gradients" if grad_numel == n_train else f"gradients of whole FSDP units ({_count(grad_numel)} values)"
-        add("gradients", f"{label}, {_dtype_name(num.grad)}", grad_numel * num.grad, shard=per_dev, phase=grad_phase)
+        add("gradients", f"{label}, {_dtype_name(num.grad)}", grad_numel * num.grad, shard=per_dev, phase="resident")
     else:
         add("gradients", f"gradients, {_dtype_name(num.grad)}", n_train * num.grad, shard=per_dev, phase=grad_phase)
     if num.master:
