@@ -123,7 +123,7 @@ def test_an_export_a_preset_writes_names_the_presets(tmp_path):
     with pytest.raises(SlimtuneError) as err:
         run(cfg)
     assert "needs a PostTrainingQuantization callback" in str(err.value)
-    assert "presets: ptq_gptq_nf4, ptq_gptq_w4, ptq_lorc_w3" in str(err.value)
+    assert "presets: ptq_awq_w4, ptq_gptq_nf4, ptq_gptq_w4, ptq_lorc_w3, ptq_smoothquant_w8a8" in str(err.value)
 
 
 def test_callbacks_are_sorted_stably_by_run_order_and_checked_in_that_order(tmp_path, data_dir):
