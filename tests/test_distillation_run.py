@@ -36,7 +36,7 @@ def _logged(out: Path, key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-def test_recipes_build_a_distillation_callback():
+def test_recipes_build_a_distillation_callback(data_dir):  # lorc_w3_kd_smollm2 calibrates on c4: the stand-in layout
     from slimtune.callbacks import Distillation
 
     for recipe, teacher, quantization in (("kd_tiny", "config:llama", "none"),
